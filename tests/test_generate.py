@@ -1,0 +1,76 @@
+"""Sampling and generation semantics."""
+
+import pytest
+import torch
+
+import zamba2
+from conftest import random_model
+
+
+def test_greedy_is_argmax_of_full_forward():
+    model = random_model()
+    ids = torch.randint(3, 128, (2, 9))
+    out = zamba2.generate(model, ids, max_new_tokens=6)
+    for t in range(6):  # teacher-forced check of every generated token
+        assert torch.equal(model(out[:, :9 + t])[:, -1].argmax(-1), out[:, 9 + t])
+
+
+def test_stream_yields_what_generate_returns():
+    model = random_model()
+    ids = torch.randint(3, 128, (1, 5))
+    streamed = torch.stack(list(zamba2.stream(model, ids, 7, temperature=0.9, seed=3)), 1)
+    assert torch.equal(zamba2.generate(model, ids, 7, temperature=0.9, seed=3)[:, 5:], streamed)
+
+
+def test_seeded_sampling_is_reproducible_and_varies_with_seed():
+    model = random_model()
+    ids = torch.randint(3, 128, (1, 5))
+    a = zamba2.generate(model, ids, 30, temperature=1.5, seed=1)
+    assert torch.equal(a, zamba2.generate(model, ids, 30, temperature=1.5, seed=1))
+    assert not torch.equal(a, zamba2.generate(model, ids, 30, temperature=1.5, seed=2))
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]]).repeat(400, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(zamba2.sample(logits, 1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    # p(0)=0.70, p(1)=0.26: top_p 0.5 keeps only token 0, 0.9 keeps 0 and 1
+    assert set(zamba2.sample(logits, 1.0, top_p=0.5, generator=gen).tolist()) == {0}
+    assert set(zamba2.sample(logits, 1.0, top_p=0.9, generator=gen).tolist()) == {0, 1}
+    with pytest.raises(ValueError):
+        zamba2.sample(logits, -1.0)
+
+
+def test_eos_stops_each_sequence_and_pads_after_it():
+    model = random_model()
+    ids = torch.randint(3, 128, (3, 6))
+    free = zamba2.generate(model, ids, 10)
+    eos = int(free[0, 8])  # make row 0's third new token the EOS
+    out = zamba2.generate(model, ids, 10, eos_token_id=eos)
+    for row in range(3):
+        new = out[row, 6:].tolist()
+        if eos in new:
+            k = new.index(eos)
+            assert new[:k + 1] == free[row, 6:6 + k + 1].tolist()
+            assert all(t == model.config.pad_token_id for t in new[k + 1:])
+        else:
+            assert new == free[row, 6:6 + len(new)].tolist()
+
+
+def test_left_padded_generation_equals_alone():
+    model = random_model()
+    a, b = torch.randint(3, 128, (1, 10)), torch.randint(3, 128, (1, 4))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 6, dtype=torch.long), b], 1)])
+    mask = (ids != 0).long()
+    mask[0] = 1
+    out = zamba2.generate(model, ids, 8, attention_mask=mask)
+    assert torch.equal(out[1, 6:], zamba2.generate(model, b, 8)[0])
+    assert torch.equal(out[0], zamba2.generate(model, a, 8)[0])
+
+
+def test_prompt_longer_than_context_is_an_error():
+    model = random_model(max_position_embeddings=16)
+    with pytest.raises(ValueError, match="exceeds the model's context length"):
+        zamba2.generate(model, torch.ones(1, 10, dtype=torch.long), max_new_tokens=8)
+    with pytest.raises(ValueError, match="empty prompt"):
+        zamba2.generate(model, torch.ones(1, 0, dtype=torch.long), max_new_tokens=2)

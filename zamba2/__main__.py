@@ -1,0 +1,68 @@
+"""Command line: `zamba2 <command>` (or `python -m zamba2`). Each command parses flags and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from . import load, load_tokenizer, stream
+
+    model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    tok = load_tokenizer(args.model)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
+    ids = tok.encode(args.prompt)
+    push = tok.stream_decoder()
+    for i in ids:  # feed the prompt so the continuation decodes in context (leading spaces, split characters)
+        push(i)
+    eos = model.config.eos_token_ids if not args.ignore_eos else None
+    for token in stream(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed):
+        if eos and int(token[0]) in eos:
+            break
+        sys.stdout.write(push(int(token[0])))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zamba2", description="Run, train and serve Zamba2 hybrid language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming tokens as they come")
+    g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    g.add_argument("--prompt", required=True, help="text to continue (BOS is added)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    # sampling
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+    # runtime
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+        print(f"zamba2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""HybridCache: everything a Zamba2 forward needs to continue a batch of sequences.
+
+Per layer i (every layer owns a Mamba2 mixer):
+  conv[i]  [b, conv_dim, d_conv-1]  the last raw (pre-conv) x/B/C columns, oldest first
+  ssm[i]   [b, h, p, n] float32     the SSM state (constant size, whatever the length)
+Per hybrid layer i (weights are shared between hybrid layers, caches are not):
+  keys[i], values[i]  [b, kv_heads, capacity, head_dim]   keys stored after RoPE
+Bookkeeping:
+  length        KV slots used (prompt padding included)
+  valid         [b, capacity] which slots hold real tokens (False for left padding)
+  positions     [b] the RoPE position the next real token of each sequence gets
+
+Multi-token continuation is supported: a forward with a warm cache starts the chunked scan from
+`ssm`, the conv from `conv`, and appends to the KV, so a prompt prefilled in pieces equals one prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import Config
+
+
+class HybridCache:
+    def __init__(self, config: Config, batch_size: int, device="cpu", dtype=torch.float32, capacity: int = 0):
+        c = config
+        self.batch_size = batch_size
+        self.conv = [torch.zeros(batch_size, c.conv_dim, c.mamba_d_conv - 1, device=device, dtype=dtype)
+                     for _ in range(c.num_hidden_layers)]
+        self.ssm = [torch.zeros(batch_size, c.n_mamba_heads, c.mamba_headdim, c.mamba_d_state, device=device,
+                                dtype=torch.float32) for _ in range(c.num_hidden_layers)]
+        kv_shape = (batch_size, c.num_key_value_heads, capacity, c.attention_head_dim)
+        self.keys = {i: torch.zeros(kv_shape, device=device, dtype=dtype) for i in c.hybrid_layer_ids}
+        self.values = {i: torch.zeros(kv_shape, device=device, dtype=dtype) for i in c.hybrid_layer_ids}
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def _grow(self, needed: int) -> None:
+        """Make room for `needed` KV slots, doubling so that appends are amortised O(1)."""
+        if needed <= self.capacity:
+            return
+        new = max(needed, 2 * self.capacity, 16)
+
+        def grown(t: Tensor, dim: int) -> Tensor:
+            shape = list(t.shape)
+            shape[dim] = new - shape[dim]
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        self.keys = {i: grown(t, 2) for i, t in self.keys.items()}
+        self.values = {i: grown(t, 2) for i, t in self.values.items()}
+        self.valid = grown(self.valid, 1)
+
+    def extend(self, mask: Tensor | None, n_new: int) -> int:
+        """Reserve slots for `n_new` tokens (mask [b, n_new], False = padding); returns their first slot."""
+        start = self.length
+        self._grow(start + n_new)
+        self.valid[:, start:start + n_new] = True if mask is None else mask
+        self.positions += n_new if mask is None else mask.sum(1)
+        self.length = start + n_new
+        return start
+
+    def write_kv(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k/v [b, kv, t, hd] at `start` and return all keys/values so far [b, kv, length, hd]."""
+        K, V = self.keys[layer], self.values[layer]
+        K[:, :, start:start + k.shape[2]] = k
+        V[:, :, start:start + v.shape[2]] = v
+        return K[:, :, :self.length], V[:, :, :self.length]
+
+    def select(self, index: Tensor) -> None:
+        """Keep (and reorder) batch rows: for beam search, or to drop finished sequences."""
+        self.conv = [t.index_select(0, index) for t in self.conv]
+        self.ssm = [t.index_select(0, index) for t in self.ssm]
+        self.keys = {i: t.index_select(0, index) for i, t in self.keys.items()}
+        self.values = {i: t.index_select(0, index) for i, t in self.values.items()}
+        self.valid = self.valid.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        self.batch_size = len(index)
+
+    def reset(self) -> None:
+        for t in self.conv + self.ssm:
+            t.zero_()
+        self.valid.zero_()
+        self.positions.zero_()
+        self.length = 0

@@ -1,0 +1,335 @@
+"""The Zamba2 hybrid language model (Zyphra, arXiv 2411.15242), exact to the published checkpoints.
+
+A stack of Mamba2 layers; at the "hybrid" layers a shared transformer block (attention + gated MLP,
+no internal residuals) first reads concat(hidden, original embeddings), and its output, through a
+per-layer D x D linear, is added to the Mamba layer's *input* (not to the residual):
+
+    x = E = embed(ids)
+    for layer i:  u = x + linear_i(shared[j % nmem](concat(x, E)))   if i is the j-th hybrid layer, else x
+                  x = x + Mamba2_i(RMSNorm_i(u))
+    logits = RMSNorm_final(x) @ embed.T
+
+Each hybrid visit j has its own rank-r adapters (LoRA-shaped, part of the base model, no scaling) on
+the shared q/k/v and gate_up projections. `shared_blocks` is the single owner of the shared weights;
+a hybrid layer holds only its block index, its adapters and its linear.
+
+Legend: b batch, l/t sequence, d hidden, h heads, p head dim, n state size, g groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import HybridCache
+from .config import Config
+from .ssd import ssd_chunked, ssd_step
+
+
+class RMSNorm(nn.Module):
+    """Normalise in fp32, cast back, then scale (the multiply runs in the input dtype, as transformers does)."""
+
+    def __init__(self, dim: int, eps: float, group_size: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.group_size = group_size or dim
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if gate is not None:  # Mamba2's gated norm: gate before normalising (norm_before_gate=False)
+            x = x * F.silu(gate.float())
+        xg = x.view(*x.shape[:-1], -1, self.group_size)  # per-group RMS (groups of d_inner / ngroups)
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xg.view(x.shape).to(dtype)
+
+
+def adapter(d_in: int, rank: int, d_out: int) -> nn.Sequential:
+    """Rank-r down/up pair applied to the same input as the base projection and summed, unscaled."""
+    return nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False))
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.d_inner, self.conv_dim = c.d_inner, c.conv_dim
+        self.heads, self.headdim, self.groups, self.state = c.n_mamba_heads, c.mamba_headdim, c.mamba_ngroups, c.mamba_d_state
+        self.dt_min = c.time_step_min
+        self.in_proj = nn.Linear(c.hidden_size, c.in_proj_size, bias=c.add_bias_linear)  # rows [z, x, B, C, dt]
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.mamba_d_conv, groups=c.conv_dim, bias=c.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.zeros(c.n_mamba_heads))
+        self.A_log = nn.Parameter(torch.zeros(c.n_mamba_heads))  # A = -exp(A_log), one scalar per head
+        self.D = nn.Parameter(torch.ones(c.n_mamba_heads))  # skip, per head
+        self.norm = RMSNorm(c.d_inner, eps=1e-5, group_size=c.d_inner // c.mamba_ngroups)  # eps fixed in Mamba2
+        self.out_proj = nn.Linear(c.d_inner, c.hidden_size, bias=c.add_bias_linear)
+
+    def conv(self, xBC: Tensor, conv_state: Tensor | None) -> Tensor:
+        """Depthwise causal conv + SiLU over xBC [b,l,c]; continues from / updates conv_state [b,c,k-1]."""
+        xt = xBC.transpose(1, 2)  # [b,c,l]
+        k = self.conv1d.kernel_size[0]
+        if conv_state is None:
+            full = F.pad(xt, (k - 1, 0))
+        else:
+            full = torch.cat([conv_state, xt], dim=-1)
+            conv_state.copy_(full[..., full.shape[-1] - (k - 1):])
+        out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # [b,c,l]
+        return F.silu(out).transpose(1, 2)
+
+    def forward(self, u: Tensor, mask: Tensor | None, chunk_size: int,
+                conv_state: Tensor | None = None, ssm_state: Tensor | None = None) -> Tensor:
+        b, l, _ = u.shape
+        if mask is not None:  # padding contributes nothing (and, with dt = 0 below, does not decay the state)
+            u = u * mask[..., None].to(u.dtype)
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
+        if mask is not None:
+            xBC = xBC * mask[..., None].to(xBC.dtype)
+        xBC = self.conv(xBC, conv_state)
+        if mask is not None:
+            xBC = xBC * mask[..., None].to(xBC.dtype)
+        x, B, C = xBC.split([self.d_inner, self.groups * self.state, self.groups * self.state], dim=-1)
+        # dt: softplus then clamp at time_step_min, as transformers does in prefill (we do it in decode too,
+        # so that step-by-step decoding equals the parallel forward)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_min)  # [b,l,h]
+        if mask is not None:
+            dt = dt * mask[..., None]
+        A = -torch.exp(self.A_log.float())
+        x = x.reshape(b, l, self.heads, self.headdim)
+        B = B.reshape(b, l, self.groups, self.state)
+        C = C.reshape(b, l, self.groups, self.state)
+        if ssm_state is not None and l == 1:
+            y = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm_state)[:, None]  # [b,1,h,p]
+        else:
+            y, final = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=ssm_state)
+            if ssm_state is not None:
+                ssm_state.copy_(final)
+        y = y + x.float() * self.D.float()[:, None]  # D skip on the post-conv x
+        y = self.norm(y.reshape(b, l, self.d_inner), gate=z)
+        return self.out_proj(y.to(u.dtype))
+
+
+class SharedAttention(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        A, hd = c.attention_hidden_size, c.attention_head_dim
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, hd
+        self.q_proj = nn.Linear(A, self.heads * hd, bias=False)
+        self.k_proj = nn.Linear(A, self.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(A, self.kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.heads * hd, c.hidden_size, bias=False)
+        # Zamba2 scales by (head_dim/2)^-0.5: the original code derives it from kv_channels = D / heads,
+        # while the real head dim is 2D / heads (the input is the 2D-wide concatenation).
+        self.scale = (hd / 2) ** -0.5
+
+
+class SharedMLP(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.add_bias_linear)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.add_bias_linear)
+        self.act = {"gelu": F.gelu, "silu": F.silu,
+                    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[c.hidden_act]
+
+
+class SharedBlock(nn.Module):
+    """Attention + gated MLP on concat(hidden, embeddings) [b,t,2d] -> [b,t,d], with no internal residuals."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.attention_hidden_size, c.rms_norm_eps)  # one RMS over all 2D features
+        self.self_attn = SharedAttention(c)
+        self.pre_ff_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.feed_forward = SharedMLP(c)
+
+    def forward(self, hcat: Tensor, visit: "Layer", ctx: "_Context") -> Tensor:
+        att, mlp = self.self_attn, self.feed_forward
+        b, t, _ = hcat.shape
+        h = self.input_layernorm(hcat)
+        q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
+        if visit.q_adapter is not None:
+            q, k, v = q + visit.q_adapter(h), k + visit.k_adapter(h), v + visit.v_adapter(h)
+        q = q.view(b, t, att.heads, att.head_dim).transpose(1, 2)  # [b,heads,t,hd]
+        k = k.view(b, t, att.kv_heads, att.head_dim).transpose(1, 2)  # [b,kv,t,hd]
+        v = v.view(b, t, att.kv_heads, att.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if ctx.cache is not None:
+            k, v = ctx.cache.write_kv(visit.index, ctx.start, k, v)  # [b,kv,past+t,hd]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.causal,
+                                           scale=att.scale, enable_gqa=att.kv_heads != att.heads)
+        o = att.o_proj(a.transpose(1, 2).reshape(b, t, -1))  # [b,t,d]
+        g = self.pre_ff_layernorm(o)
+        gu = mlp.gate_up_proj(g)
+        if visit.mlp_adapter is not None:
+            gu = gu + visit.mlp_adapter(g)
+        gate, up = gu.chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act(gate) * up)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype) -> tuple[Tensor, Tensor]:
+    """GPT-NeoX style (rotate-half) RoPE over the full head dim. positions [b,t] -> cos, sin [b,1,t,hd]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions[..., None].float() * inv_freq  # [b,t,hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Layer(nn.Module):
+    """Pre-norm Mamba2 layer; a hybrid layer also owns its linear and adapters for its shared-block visit."""
+
+    def __init__(self, c: Config, index: int):
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mamba = Mamba2Mixer(c)
+        self.visit = c.hybrid_layer_ids.index(index) if index in c.hybrid_layer_ids else None
+        self.block = None if self.visit is None else self.visit % c.num_mem_blocks  # round-robin ABAB...
+        self.q_adapter = self.k_adapter = self.v_adapter = self.mlp_adapter = None
+        if self.visit is not None:
+            self.linear = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
+            r, A, hd = c.adapter_rank, c.attention_hidden_size, c.attention_head_dim
+            if c.use_shared_attention_adapter:
+                self.q_adapter = adapter(A, r, c.num_attention_heads * hd)
+                self.k_adapter = adapter(A, r, c.num_key_value_heads * hd)
+                self.v_adapter = adapter(A, r, c.num_key_value_heads * hd)
+            if c.use_shared_mlp_adapter:
+                self.mlp_adapter = adapter(c.hidden_size, r, 2 * c.intermediate_size)
+
+    def forward(self, x: Tensor, ctx: "_Context", shared: nn.ModuleList) -> Tensor:
+        u = x
+        if self.visit is not None:
+            u = x + self.linear(shared[self.block](torch.cat([x, ctx.embeddings], dim=-1), self, ctx))
+        cache = ctx.cache
+        conv = cache.conv[self.index] if cache is not None else None
+        ssm = cache.ssm[self.index] if cache is not None else None
+        return x + self.mamba(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm)  # residual is x, not u
+
+
+class _Context:
+    """What every layer of one forward shares: embeddings, padding mask, attention mask, RoPE, cache."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class Zamba2LM(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Layer(c, i) for i in range(c.num_hidden_layers))
+        self.shared_blocks = nn.ModuleList(SharedBlock(c) for _ in range(c.num_mem_blocks))
+        self.final_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialisation for training from scratch (Mamba2 / transformers conventions)."""
+        c = self.config
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.02)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        for layer in self.layers:
+            mx = layer.mamba
+            # out_proj scaled by 1/sqrt(2L) so the residual stream does not grow with depth (GPT-2 / Mamba)
+            mx.out_proj.weight.mul_(1 / math.sqrt(2 * c.num_hidden_layers))
+            # dt ~ log-uniform in [time_step_min, time_step_max]; dt_bias = softplus^-1(dt)
+            u = torch.rand(c.n_mamba_heads, generator=gen)
+            dt = torch.exp(u * (math.log(c.time_step_max) - math.log(c.time_step_min)) + math.log(c.time_step_min))
+            dt = dt.clamp(min=c.time_step_floor)
+            mx.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            mx.A_log.copy_(torch.log(torch.empty(c.n_mamba_heads).uniform_(1, 16, generator=gen)))
+            mx.D.fill_(1.0)
+            k = mx.conv1d.weight.shape[-1]
+            bound = 1 / math.sqrt(k)
+            mx.conv1d.weight.uniform_(-bound, bound, generator=gen)
+            if mx.conv1d.bias is not None:
+                mx.conv1d.bias.uniform_(-bound, bound, generator=gen)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def save(self, path) -> None:
+        """Write config.json + safetensors in the Hugging Face layout (see checkpoint.save)."""
+        from .checkpoint import save
+
+        save(self, path)
+
+    def new_cache(self, batch_size: int, capacity: int = 0) -> HybridCache:
+        return HybridCache(self.config, batch_size, self.device, self.dtype, capacity)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: HybridCache | None = None,
+                logits_to_keep: int = 0) -> Tensor:
+        """input_ids [b,t] -> logits [b,t,vocab] (only the last `logits_to_keep` positions if > 0).
+
+        attention_mask [b,t] (or [b, past+t]): 1 for tokens, 0 for left padding. With `cache`, the
+        forward continues from the cached state (any number of new tokens) and updates it in place.
+        """
+        c = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= c.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {c.vocab_size})")
+        if cache is not None and cache.batch_size != b:
+            raise ValueError(f"cache holds {cache.batch_size} sequences but input_ids has {b}")
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape[0] != b or attention_mask.shape[1] < t:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not fit input_ids {(b, t)}")
+            mask = attention_mask[:, -t:].to(device=input_ids.device, dtype=torch.bool)
+            if bool(mask.all()):
+                mask = None
+
+        # positions: count real tokens only, so a left-padded row gets the positions it would get alone
+        offset = cache.positions[:, None] if cache is not None else 0
+        if mask is None:
+            positions = offset + torch.arange(t, device=input_ids.device)[None].expand(b, t)
+        else:
+            positions = offset + (mask.long().cumsum(1) - 1).clamp(min=0)
+        start = cache.extend(mask, t) if cache is not None else 0
+        key_valid = cache.valid[:, :start + t] if cache is not None else mask
+        attn_mask, causal = None, False
+        if key_valid is not None and not bool(key_valid.all()) or (start > 0 and t > 1):
+            q_slot = torch.arange(start, start + t, device=input_ids.device)[:, None]
+            k_slot = torch.arange(start + t, device=input_ids.device)[None]
+            attn_mask = k_slot <= q_slot  # [t, past+t]
+            if key_valid is not None:
+                # padded queries attend to themselves only, which keeps their (discarded) rows finite
+                attn_mask = (attn_mask & key_valid[:, None, :]) | (k_slot == q_slot)
+                attn_mask = attn_mask[:, None]  # [b,1,t,past+t], broadcast over heads
+        elif start == 0 and t > 1:
+            causal = True
+
+        x = self.embed_tokens(input_ids)  # [b,t,d]; no sqrt(d) scaling
+        rope = (rope_tables(positions, c.attention_head_dim, c.effective_rope_theta, x.dtype)
+                if c.use_mem_rope else None)
+        ctx = _Context(embeddings=x, mask=mask, attn_mask=attn_mask, causal=causal, rope=rope, cache=cache,
+                       start=start, chunk_size=c.chunk_size)
+        for layer in self.layers:
+            x = layer(x, ctx, self.shared_blocks)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        x = self.final_layernorm(x)
+        return F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)

@@ -1,0 +1,87 @@
+"""Tokenizer: the checkpoint's own (tokenizer.json or tokenizer.model), else Mistral v0.1's SentencePiece.
+
+Zamba2 uses the Mistral v0.1 vocabulary (32000 pieces, <unk>=0, <s>=1, </s>=2). The `mistral-common`
+package ships that SentencePiece model, so folders without a tokenizer (and the demo) need no download.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def mistral_v1_model_path() -> Path:
+    import mistral_common
+
+    return Path(os.path.dirname(mistral_common.__file__)) / "data" / "tokenizer.model.v1"
+
+
+class Tokenizer:
+    """encode/decode over either a `tokenizers` JSON file or a SentencePiece model."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.path = path
+        if path.suffix == ".json":
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._hf = HFTokenizer.from_file(str(path))
+            self._hf.no_padding()
+            self._hf.no_truncation()
+            self._sp = None
+            self.vocab_size = self._hf.get_vocab_size()
+            self.bos_id = self._hf.token_to_id("<s>")
+            self.eos_id = self._hf.token_to_id("</s>")
+        else:
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+            self._hf = None
+            self.vocab_size = self._sp.vocab_size()
+            self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+            self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        if self._sp is not None:
+            ids = self._sp.encode(text)
+        else:  # the JSON's post-processor may add <s> itself: strip it and decide here
+            ids = self._hf.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if self._sp is not None:
+            if skip_special:
+                ids = [i for i in ids if not self._sp.is_control(i)]
+            return self._sp.decode(ids)
+        return self._hf.decode(ids, skip_special_tokens=skip_special)
+
+    def stream_decoder(self):
+        """A function fed token ids one at a time that returns the new text each adds.
+
+        Decoding the whole sequence and diffing handles SentencePiece's leading-space marker and
+        multi-token UTF-8 characters (text is held back while it ends in an incomplete character).
+        """
+        ids: list[int] = []
+        emitted = 0
+
+        def push(token: int) -> str:
+            nonlocal emitted
+            ids.append(int(token))
+            text = self.decode(ids)
+            if text.endswith("\ufffd"):
+                return ""
+            new, emitted = text[emitted:], len(text)
+            return new
+
+        return push
+
+
+def load_tokenizer(folder: str | Path | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint folder, falling back to the Mistral v0.1 model from mistral-common."""
+    if folder is not None:
+        folder = Path(folder)
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (folder / name).exists():
+                return Tokenizer(folder / name)
+    return Tokenizer(mistral_v1_model_path())
