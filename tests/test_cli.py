@@ -48,3 +48,19 @@ def test_bad_input_gives_a_message_not_a_traceback(checkpoint, tmp_path):
     assert out.returncode == 2 and "no config.json" in out.stderr and "Traceback" not in out.stderr
     out = run("generate", "--model", str(checkpoint), "--prompt", "x", "--max-new-tokens", "1000")
     assert out.returncode == 2 and "context length" in out.stderr
+
+
+def test_prepare_train_and_demo_commands(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(f'{{"text": "line {i} of some text to learn"}}' for i in range(80))
+                                      + "\nnot json\n")
+    out = run("prepare", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "data"))
+    assert out.returncode == 0 and "80 documents" in out.stdout and "skipped 1 malformed" in out.stdout
+    (tmp_path / "run.toml").write_text('[train]\nseq_len = 32\nbatch_size = 2\nwarmup_steps = 1\nsave_every = 2\n'
+                                       '[model]\nvocab_size = 32000\n')
+    out = run("train", "--config", str(tmp_path / "run.toml"), "--data", str(tmp_path / "data"),
+              "--out", str(tmp_path / "run"), "--steps", "3")
+    assert out.returncode == 0, out.stderr
+    assert zamba2.load(tmp_path / "run" / "checkpoint").config.vocab_size == 32000
+    out = run("demo", "--out", str(tmp_path / "demo"), "--steps", "4")
+    assert out.returncode == 0, out.stderr
+    assert "validation perplexity" in out.stdout and "unigram baseline" in out.stdout and "sample:" in out.stdout

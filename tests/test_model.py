@@ -123,3 +123,14 @@ def test_loss_falls_when_overfitting_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_packed_documents_equal_documents_alone():
+    model = random_model()
+    lengths = [5, 11, 3, 13]  # boundaries inside and across chunks of 8
+    docs = [torch.randint(0, 128, (1, n)) for n in lengths]
+    ids = torch.cat(docs, 1)
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], 1)
+    packed = model(ids, doc_ids=doc_ids)
+    alone = torch.cat([model(d) for d in docs], 1)
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)

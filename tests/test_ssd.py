@@ -60,3 +60,16 @@ def test_long_decay_stays_finite():
     x, dt, A, B, C, _ = inputs(l=300)
     y, s = ssd_chunked(x, dt * 50, A * 10, B, C, 256)  # strong decay: exp underflows, must not NaN
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 64])
+def test_document_boundaries_reset_the_state(chunk):
+    x, dt, A, B, C, S0 = inputs(l=29)
+    doc = torch.tensor([[0] * 6 + [1] * 9 + [2] * 14, [0] * 20 + [1] * 9])
+    y_ref, s_ref = ssd_sequential(x, dt, A, B, C, S0, doc=doc)
+    y, s = ssd_chunked(x, dt, A, B, C, chunk, S0, doc=doc)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+    # each document equals the document scanned alone (from a zero state after the first)
+    y_alone, _ = ssd_sequential(x[:1, 6:15], dt[:1, 6:15], A, B[:1, 6:15], C[:1, 6:15])
+    torch.testing.assert_close(y[:1, 6:15], y_alone, rtol=1e-5, atol=1e-5)

@@ -31,6 +31,32 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_prepare(args) -> None:
+    from .data import prepare, read_documents
+    from .tokenizer import Tokenizer, load_tokenizer
+
+    tok = Tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer()
+    stats: dict = {}
+    meta = prepare(read_documents(args.inputs, args.text_key, stats), args.out, tok, args.shard_tokens, stats)
+    print(f"{meta['docs']:,} documents, {meta['tokens']:,} tokens in {len(meta['shards'])} shard(s) -> {args.out}"
+          + (f"; skipped {meta['bad_lines']} malformed JSONL lines" if meta["bad_lines"] else ""))
+
+
+def cmd_train(args) -> None:
+    from .train import Trainer, TrainConfig
+
+    flags = dict(data=args.data, out=args.out, model=args.model, steps=args.steps)
+    cfg = TrainConfig.from_toml(args.config, **flags) if args.config else TrainConfig.from_dict(
+        {k: v for k, v in flags.items() if v is not None})
+    Trainer(cfg, resume=args.resume).run()
+
+
+def cmd_demo(args) -> None:
+    from .demo import demo
+
+    demo(args.out, args.steps)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zamba2", description="Run, train and serve Zamba2 hybrid language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,6 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="prepare a bundled corpus, train a small Zamba2 on CPU, evaluate and sample")
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d.add_argument("--steps", type=int, default=150, help="training steps (default 150, about 3 minutes on 2 cores)")
+    d.set_defaults(func=cmd_demo)
+
+    pr = sub.add_parser("prepare", help="tokenize .txt / .jsonl files into token shards for training")
+    pr.add_argument("inputs", nargs="+", help=".txt files (one document each) or .jsonl files (one per line)")
+    pr.add_argument("--out", required=True, help="output data folder")
+    pr.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model (default Mistral v0.1)")
+    pr.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    pr.set_defaults(func=cmd_prepare)
+
+    t = sub.add_parser("train", help="pretrain / anneal / continue pretraining on prepared shards")
+    t.add_argument("--config", default=None, help="run.toml with a [train] table (TrainConfig fields)")
+    t.add_argument("--data", default=None, help="prepared data folder (overrides the config)")
+    t.add_argument("--out", default=None, help="output folder (overrides the config)")
+    t.add_argument("--model", default=None, help="preset name or checkpoint folder (overrides the config)")
+    t.add_argument("--steps", type=int, default=None, help="phase-1 steps (overrides the config)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    t.set_defaults(func=cmd_train)
     return p
 
 

@@ -202,8 +202,11 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: st
     return model.eval()
 
 
-def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
+         train_state: dict | None = None) -> None:
     """Write config.json + safetensors (sharded with an index past max_shard_bytes) in the transformers layout.
+
+    `train_state` (optimizer, step, data position, ...) is written beside it as train_state.pt.
 
     The folder is written beside the target and swapped in by rename, so a failure mid-save (full
     disk, kill) leaves any previous checkpoint at `path` intact.
@@ -235,6 +238,8 @@ def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2*
             total = sum(v.numel() * v.element_size() for v in tensors.values())
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -242,10 +247,11 @@ def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2*
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace folder `path` by `tmp`; extra files already in `path` (a tokenizer, say) are kept."""
+    """Replace folder `path` by `tmp`; other files already in `path` (a tokenizer, say) are kept."""
+    ours = ("config.json", "model.safetensors.index.json", "train_state.pt")
     if path.exists():
         for f in path.iterdir():
-            if f.name in ("config.json", "model.safetensors.index.json") or f.name.startswith("model") and f.suffix == ".safetensors":
+            if f.name in ours or f.name.startswith("model") and f.suffix == ".safetensors":
                 continue
             if not (tmp / f.name).exists():
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)

@@ -67,10 +67,17 @@ class Mamba2Mixer(nn.Module):
         self.norm = RMSNorm(c.d_inner, eps=1e-5, group_size=c.d_inner // c.mamba_ngroups)  # eps fixed in Mamba2
         self.out_proj = nn.Linear(c.d_inner, c.hidden_size, bias=c.add_bias_linear)
 
-    def conv(self, xBC: Tensor, conv_state: Tensor | None) -> Tensor:
+    def conv(self, xBC: Tensor, conv_state: Tensor | None, doc: Tensor | None = None) -> Tensor:
         """Depthwise causal conv + SiLU over xBC [b,l,c]; continues from / updates conv_state [b,c,k-1]."""
         xt = xBC.transpose(1, 2)  # [b,c,l]
         k = self.conv1d.kernel_size[0]
+        if doc is not None:  # packed documents: tap s (looking s steps back) is dropped across a boundary
+            l = xt.shape[-1]
+            out = self.conv1d.bias[:, None] if self.conv1d.bias is not None else 0
+            for s in range(k):
+                same = (doc == F.pad(doc, (s, 0), value=-1)[:, :l])[:, None]  # [b,1,l]
+                out = out + self.conv1d.weight[:, 0, k - 1 - s, None] * F.pad(xt, (s, 0))[..., :l] * same
+            return F.silu(out).transpose(1, 2)
         if conv_state is None:
             full = F.pad(xt, (k - 1, 0))
         else:
@@ -79,15 +86,15 @@ class Mamba2Mixer(nn.Module):
         out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # [b,c,l]
         return F.silu(out).transpose(1, 2)
 
-    def forward(self, u: Tensor, mask: Tensor | None, chunk_size: int,
-                conv_state: Tensor | None = None, ssm_state: Tensor | None = None) -> Tensor:
+    def forward(self, u: Tensor, mask: Tensor | None, chunk_size: int, conv_state: Tensor | None = None,
+                ssm_state: Tensor | None = None, doc: Tensor | None = None) -> Tensor:
         b, l, _ = u.shape
         if mask is not None:  # padding contributes nothing (and, with dt = 0 below, does not decay the state)
             u = u * mask[..., None].to(u.dtype)
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
-        xBC = self.conv(xBC, conv_state)
+        xBC = self.conv(xBC, conv_state, doc)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
         x, B, C = xBC.split([self.d_inner, self.groups * self.state, self.groups * self.state], dim=-1)
@@ -103,7 +110,7 @@ class Mamba2Mixer(nn.Module):
         if ssm_state is not None and l == 1:
             y = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm_state)[:, None]  # [b,1,h,p]
         else:
-            y, final = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=ssm_state)
+            y, final = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=ssm_state, doc=doc)
             if ssm_state is not None:
                 ssm_state.copy_(final)
         y = y + x.float() * self.D.float()[:, None]  # D skip on the post-conv x
@@ -210,7 +217,7 @@ class Layer(nn.Module):
         cache = ctx.cache
         conv = cache.conv[self.index] if cache is not None else None
         ssm = cache.ssm[self.index] if cache is not None else None
-        return x + self.mamba(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm)  # residual is x, not u
+        return x + self.mamba(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm, ctx.doc)  # residual is x, not u
 
 
 class _Context:
@@ -279,11 +286,14 @@ class Zamba2LM(nn.Module):
         return HybridCache(self.config, batch_size, self.device, self.dtype, capacity)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: HybridCache | None = None,
-                logits_to_keep: int = 0) -> Tensor:
+                logits_to_keep: int = 0, doc_ids: Tensor | None = None) -> Tensor:
         """input_ids [b,t] -> logits [b,t,vocab] (only the last `logits_to_keep` positions if > 0).
 
         attention_mask [b,t] (or [b, past+t]): 1 for tokens, 0 for left padding. With `cache`, the
         forward continues from the cached state (any number of new tokens) and updates it in place.
+        doc_ids [b,t] (training on packed documents): a document index per position, nondecreasing;
+        each document is computed as if alone (SSM and conv state reset, attention within the
+        document, RoPE positions restarting at 0).
         """
         c = self.config
         if input_ids.dim() != 2:
@@ -302,16 +312,25 @@ class Zamba2LM(nn.Module):
             if bool(mask.all()):
                 mask = None
 
+        if doc_ids is not None and (cache is not None or mask is not None):
+            raise ValueError("doc_ids (packed training sequences) cannot be combined with a cache or padding")
         # positions: count real tokens only, so a left-padded row gets the positions it would get alone
         offset = cache.positions[:, None] if cache is not None else 0
-        if mask is None:
+        if doc_ids is not None:
+            idx = torch.arange(t, device=input_ids.device).expand(b, t)
+            first = torch.ones_like(doc_ids, dtype=torch.bool)
+            first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            positions = idx - torch.where(first, idx, 0).cummax(1).values  # index within the document
+        elif mask is None:
             positions = offset + torch.arange(t, device=input_ids.device)[None].expand(b, t)
         else:
             positions = offset + (mask.long().cumsum(1) - 1).clamp(min=0)
         start = cache.extend(mask, t) if cache is not None else 0
         key_valid = cache.valid[:, :start + t] if cache is not None else mask
         attn_mask, causal = None, False
-        if key_valid is not None and not bool(key_valid.all()) or (start > 0 and t > 1):
+        if doc_ids is not None:
+            attn_mask = (doc_ids[:, :, None] == doc_ids[:, None, :]).tril()[:, None]  # [b,1,t,t]
+        elif key_valid is not None and not bool(key_valid.all()) or (start > 0 and t > 1):
             q_slot = torch.arange(start, start + t, device=input_ids.device)[:, None]
             k_slot = torch.arange(start + t, device=input_ids.device)[None]
             attn_mask = k_slot <= q_slot  # [t, past+t]
@@ -326,7 +345,7 @@ class Zamba2LM(nn.Module):
         rope = (rope_tables(positions, c.attention_head_dim, c.effective_rope_theta, x.dtype)
                 if c.use_mem_rope else None)
         ctx = _Context(embeddings=x, mask=mask, attn_mask=attn_mask, causal=causal, rope=rope, cache=cache,
-                       start=start, chunk_size=c.chunk_size)
+                       start=start, chunk_size=c.chunk_size, doc=doc_ids)
         for layer in self.layers:
             x = layer(x, ctx, self.shared_blocks)
         if logits_to_keep:
