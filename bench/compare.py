@@ -1,0 +1,371 @@
+"""zamba2 against transformers.Zamba2ForCausalLM on this machine, on the same random weights, in one run.
+
+    python bench/compare.py --preset small [--dtype bfloat16] [--threads 2] [--skip-hf] [--json out.json]
+
+Measures prefill tokens/s (batch 1 at 128, 512, 2048 tokens), greedy decode tokens/s (64 new tokens after
+a 128-token prompt, at batch 1 and 8; the prefill is excluded by timing from the first generated token to
+the last) and the peak resident memory each phase adds. It also measures this machine's matmul rate and
+memory bandwidth and reports each phase as a fraction of them, and checks that both implementations
+produce the same last-token logits and greedy tokens.
+
+Only one model is in memory at a time: ours runs first, is saved in the Hugging Face layout, freed, and
+transformers loads the saved copy (a 1.2B model is ~5 GB in float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+import zamba2
+
+PREFILL_LENGTHS = (128, 512, 2048)
+PROMPT, NEW_TOKENS, BATCH = 128, 64, 8
+REPS, BUDGET_S = 3, 30.0  # median of up to REPS timed runs, fewer when one run takes longer than BUDGET_S
+
+
+# ---- machine ----
+
+def cpu_summary() -> str:
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+                platform.processor())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({' '.join(simd) or 'no AVX2'})"
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall clock, CPU seconds used by every process on the machine, CPU seconds used by this one)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return time.time(), (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), ru.ru_utime + ru.ru_stime
+
+
+def other_cores(start: tuple[float, float, float]) -> float:
+    """Cores other processes kept busy since `start`. On a small shared machine they make torch's threads wait
+    on each other at every op, and timings can drop tenfold."""
+    end = cpu_seconds()
+    return ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
+
+
+def best_seconds(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)  # a ceiling is measured by its best run
+
+
+def machine_limits(dtype: torch.dtype) -> dict:
+    """Matmul FLOP/s (2048^3) in float32 and the model dtype, and read bandwidth as a 1 GiB GEMV, W @ x,
+    which is what batch-1 decode does. The float32 GEMV is the bandwidth limit; a bfloat16 GEMV can be slower
+    than the memory allows on CPUs without native bf16, so it is reported beside it, not used as the limit.
+
+    Both use nn.Linear's layout, x @ W.T: on an AVX2 CPU torch's bfloat16 a @ b (both row-major) runs ~25x
+    slower than x @ W.T, so a plain a @ b would understate what the model's layers can reach."""
+    limits = {}
+    for dt in dict.fromkeys([torch.float32, dtype]):  # float32, then the model dtype if it differs
+        n = 2048
+        x, w = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        limits[f"matmul_{dt_name(dt)}"] = 2 * n**3 / best_seconds(lambda: F.linear(x, w), 3)
+        cols = 16384
+        w = torch.ones(2**30 // (cols * dt.itemsize), cols, dtype=dt)  # 1 GiB, pages touched
+        x = torch.ones(cols, dtype=dt)
+        limits[f"gemv_{dt_name(dt)}"] = w.numel() * dt.itemsize / best_seconds(lambda: w @ x, 5)
+        del w
+    return limits
+
+
+def dt_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def effective_params(model: zamba2.Zamba2LM) -> int:
+    """Weights every token multiplies by: all layers, the shared block once per hybrid visit, and the LM head
+    (the embedding lookup reads one row, so it does not count). 2x this is the FLOPs per token and, times the
+    element size, the bytes one decode step reads."""
+    c = model.config
+    layers = sum(p.numel() for p in model.layers.parameters())
+    shared = sum(p.numel() for layer in model.layers if layer.visit is not None
+                 for p in model.shared_blocks[layer.block].parameters())
+    return layers + shared + c.vocab_size * c.hidden_size
+
+
+# ---- memory ----
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+class PeakRSS:
+    """Peak resident memory a block adds above the level at its start.
+
+    Resets the kernel's high-water mark (VmHWM) through /proc/self/clear_refs where that is allowed, else
+    samples VmRSS from a thread every millisecond. Freed heap is returned to the OS first (malloc_trim), so
+    that memory a previous phase freed but glibc kept does not hide this phase's growth.
+    """
+
+    def __enter__(self):
+        gc.collect()
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except AttributeError:  # not glibc
+            pass
+        self.base = self.peak = _status_bytes("VmRSS")
+        self.stop = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.stop = threading.Event()
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.001):
+            self.peak = max(self.peak, _status_bytes("VmRSS"))
+
+    def __exit__(self, *exc):
+        if self.stop is None:
+            self.peak = _status_bytes("VmHWM")
+        else:
+            self.stop.set()
+            self.sampler.join()
+        self.extra = self.peak - self.base
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        return int(next(ln for ln in f if ln.startswith("MemAvailable:")).split()[1]) * 1024
+
+
+# ---- timing ----
+
+def measure(fn) -> tuple[float, object]:
+    """fn() -> (seconds, output). Median seconds over up to REPS runs after a warm-up run; a run slower than
+    BUDGET_S is not repeated and the warm-up is the measurement (1.2B prefill at 2048 tokens takes a minute)."""
+    t0 = time.perf_counter()
+    secs, out = fn()
+    if time.perf_counter() - t0 > BUDGET_S:
+        return secs, out
+    samples, start = [], time.perf_counter()
+    while len(samples) < REPS and (not samples or time.perf_counter() - start < BUDGET_S):
+        secs, out = fn()
+        samples.append(secs)
+    return statistics.median(samples), out
+
+
+def timed(call):
+    def fn(*args):
+        t0 = time.perf_counter()
+        out = call(*args)
+        return time.perf_counter() - t0, out
+    return fn
+
+
+# ---- the two implementations: prefill(ids) -> (s, last logits), decode(ids) -> (s, new tokens) ----
+
+def ours(model: zamba2.Zamba2LM):
+    prefill = timed(lambda ids: model(ids, cache=model.new_cache(ids.shape[0]), logits_to_keep=1)[:, -1])
+
+    def decode(ids):
+        stamps, tokens = [], []
+        for tok in zamba2.stream(model, ids, NEW_TOKENS):  # greedy, no EOS
+            stamps.append(time.perf_counter())  # stamp 0 comes right after the prefill
+            tokens.append(tok)
+        return stamps[-1] - stamps[0], torch.stack(tokens, 1)
+
+    return prefill, decode
+
+
+def theirs(hf):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):  # called once per forward, before the greedy pick: the same points as ours
+        def __init__(self):
+            self.stamps = []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    prefill = timed(lambda ids: hf(ids, use_cache=True, logits_to_keep=1).logits[:, -1])
+
+    def decode(ids):
+        stamp = Stamp()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                          pad_token_id=0, logits_processor=LogitsProcessorList([stamp]))
+        return stamp.stamps[-1] - stamp.stamps[0], out[:, ids.shape[1]:]
+
+    return prefill, decode
+
+
+def run_phases(prefill, decode, prompts: dict, decode_prompts: dict) -> dict:
+    """Every phase of one implementation: tokens/s, peak extra RSS and outputs. A prefill whose memory,
+    extrapolated linearly from the previous length, would not fit in MemAvailable is skipped, not run."""
+    res, prev = {}, None
+    for t, ids in prompts.items():
+        name = f"prefill {t}"
+        if prev is not None:
+            est = prev[1] * t / prev[0]
+            if est > 0.9 * mem_available():
+                res[name] = {"skipped_est_bytes": est}
+                print(f"  {name}: skipped (est. {est / 1e9:.1f} GB)", flush=True)
+                continue
+        with PeakRSS() as mem:
+            secs, logits = measure(lambda: prefill(ids))
+        res[name] = {"tok_s": t / secs, "peak_extra_bytes": mem.extra, "tokens_per_pass": t, "logits": logits}
+        prev = (t, mem.extra)
+        print(f"  {name}: {t / secs:.1f} tok/s", flush=True)
+    for name, ids in decode_prompts.items():
+        with PeakRSS() as mem:
+            secs, tokens = measure(lambda: decode(ids))
+        b = ids.shape[0]
+        res[name] = {"tok_s": b * (NEW_TOKENS - 1) / secs, "peak_extra_bytes": mem.extra, "tokens_per_pass": b,
+                     "tokens": tokens}
+        print(f"  {name}: {res[name]['tok_s']:.1f} tok/s", flush=True)
+    return res
+
+
+# ---- report ----
+
+def fmt(row: dict | None, key: str, scale: float = 1.0, spec: str = ".1f") -> str:
+    if row is not None and "skipped_est_bytes" in row and key == "tok_s":
+        return f"skipped (est. {row['skipped_est_bytes'] / 1e9:.1f} GB)"
+    return format(row[key] * scale, spec) if row is not None and key in row else "-"
+
+
+def ratio(a: dict | None, b: dict | None, key: str) -> str:
+    ok = a and b and key in a and key in b and b[key] > 0
+    return f"{a[key] / b[key]:.2f}x" if ok else "-"
+
+
+def print_tables(results: dict, p_eff: int, elem: int, limits: dict, dtype: torch.dtype) -> None:
+    z, h = results["zamba2"], results.get("transformers", {})
+    print(f"\n{'phase':<14}{'zamba2 tok/s':>24}{'hf tok/s':>24}{'z/hf':>8}{'zamba2 +MB':>12}{'hf +MB':>8}{'z/hf':>7}")
+    for name in z:
+        a, b = z[name], h.get(name)
+        print(f"{name:<14}{fmt(a, 'tok_s'):>24}{fmt(b, 'tok_s'):>24}{ratio(a, b, 'tok_s'):>8}"
+              f"{fmt(a, 'peak_extra_bytes', 1e-6, '.0f'):>12}{fmt(b, 'peak_extra_bytes', 1e-6, '.0f'):>8}"
+              f"{ratio(a, b, 'peak_extra_bytes'):>7}")
+    print("(+MB: peak resident memory the phase adds above the loaded model)")
+
+    flops, bw = limits[f"matmul_{dt_name(dtype)}"], limits["gemv_float32"]
+    print(f"\nfraction of machine limits: FLOP/s = tok/s x 2 x {p_eff / 1e6:.1f}M effective params, vs "
+          f"{dt_name(dtype)} matmul {flops / 1e9:.1f} GFLOP/s;\n  weight bytes/s = passes/s x "
+          f"{p_eff * elem / 1e6:.3g} MB ({p_eff / 1e6:.1f}M x {elem} B, one pass per prefill or decode step), "
+          f"vs float32 GEMV {bw / 1e9:.1f} GB/s")
+    print(f"{'phase':<14}{'zamba2 %FLOP':>14}{'zamba2 %BW':>12}{'hf %FLOP':>12}{'hf %BW':>10}")
+    for name in z:
+        cells = []
+        for row in (z[name], h.get(name)):
+            ok = row is not None and "tok_s" in row
+            cells.append(f"{100 * row['tok_s'] * 2 * p_eff / flops:.3g}%" if ok else "-")
+            cells.append(f"{100 * row['tok_s'] / row['tokens_per_pass'] * p_eff * elem / bw:.3g}%" if ok else "-")
+        print(f"{name:<14}{cells[0]:>14}{cells[1]:>12}{cells[2]:>12}{cells[3]:>10}")
+
+
+def agreement(z: dict, h: dict) -> dict:
+    out = {"logits_rel_err": {}}
+    for name in z:  # the prefills past one chunk check that state is carried between chunks
+        if "logits" in z[name] and "logits" in h.get(name, {}):
+            a, b = z[name]["logits"].float(), h[name]["logits"].float()
+            out["logits_rel_err"][name] = ((a - b).abs().max() / b.abs().max()).item()
+    print("\nlast-token logits, max rel err: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in out["logits_rel_err"].items()))
+    for name in ("decode b=1", f"decode b={BATCH}"):
+        x, y = z[name]["tokens"], h[name]["tokens"]
+        same = x == y
+        # after a row's first mismatch its tokens follow a different history, so that index is what counts
+        first = [int((~r).nonzero()[0]) if not r.all() else None for r in same]
+        out[name] = {"match": int(same.sum()), "total": same.numel(), "first_mismatch": first}
+        verdict = "AGREE" if bool(same.all()) else "DISAGREE"
+        print(f"greedy tokens, {name}: {verdict} ({out[name]['match']}/{same.numel()} equal"
+              + ("" if bool(same.all()) else f"; first mismatch per row: {first}") + ")")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", required=True, choices=["tiny", "small", "1.2b"], help="model shape (random weights)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight and activation dtype")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--skip-hf", action="store_true", help="measure zamba2 only")
+    ap.add_argument("--json", help="also write every number to this file")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"CPU: {cpu_summary()} | {len(os.sched_getaffinity(0))} cores available, "
+          f"{torch.get_num_threads()} torch threads | torch {torch.__version__} | dtype {args.dtype}")
+    start = cpu_seconds()
+    limits = machine_limits(dtype)
+    print("machine limits: " + ", ".join(f"{k} {v / 1e9:.1f} {'GFLOP/s' if k.startswith('matmul') else 'GB/s'}"
+                                         for k, v in limits.items()))
+
+    torch.manual_seed(0)
+    model = zamba2.Zamba2LM(zamba2.preset(args.preset)).to(dtype).eval()
+    cfg, p_eff, elem = model.config, effective_params(model), dtype.itemsize
+    print(f"preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"{p_eff / 1e6:.1f}M effective per token (shared block counted per use)")
+    g = torch.Generator().manual_seed(0)
+    prompts = {t: torch.randint(3, cfg.vocab_size, (1, t), generator=g) for t in PREFILL_LENGTHS}
+    decode_prompts = {"decode b=1": prompts[PROMPT],
+                      f"decode b={BATCH}": torch.randint(3, cfg.vocab_size, (BATCH, PROMPT), generator=g)}
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        if not args.skip_hf:
+            model.save(tmp)
+        print("zamba2:", flush=True)
+        results["zamba2"] = run_phases(*ours(model), prompts, decode_prompts)
+        del model
+        if not args.skip_hf:
+            import transformers
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
+            hf = transformers.Zamba2ForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+            hf.generation_config.eos_token_id = None  # always NEW_TOKENS tokens
+            print(f"transformers {transformers.__version__}:", flush=True)
+            results["transformers"] = run_phases(*theirs(hf), prompts, decode_prompts)
+
+    print_tables(results, p_eff, elem, limits, dtype)
+    other = other_cores(start)
+    print(f"other processes used {other:.2f} cores on average during this run"
+          + (": the timings are not reliable" if other > 0.1 else ""))
+    agree = agreement(results["zamba2"], results["transformers"]) if not args.skip_hf else None
+    if args.json:
+        for phases in results.values():  # generated tokens are kept, logits are not
+            for row in phases.values():
+                row.pop("logits", None)
+                if "tokens" in row:
+                    row["tokens"] = row["tokens"].tolist()
+        meta = {"cpu": cpu_summary(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "dtype": args.dtype, "preset": args.preset, "effective_params": p_eff, "other_cores": other}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "limits": limits, "results": results, "agreement": agree}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
