@@ -147,19 +147,23 @@ class PackedLoader:
         return self.data.tokens(a, b), docs
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        rows = [self.row() for _ in range(self.batch_size)]
-        tok = torch.from_numpy(np.stack([r[0] for r in rows]))
-        doc = torch.from_numpy(np.stack([r[1] for r in rows]))
-        labels = tok[:, 1:].clone()
-        labels[doc[:, 1:] != doc[:, :-1]] = IGNORE  # no predicting the next document's <s>
-        doc = doc[:, :-1]
-        return {"input_ids": tok[:, :-1], "labels": labels, "doc_ids": doc - doc[:, :1]}
+        return collate([self.row() for _ in range(self.batch_size)])
 
     def state_dict(self) -> dict:
         return {"pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
         self.pos = state["pos"]
+
+
+def collate(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """(tokens, document of each token) rows of seq_len+1 -> inputs, targets and doc_ids [b, seq_len]."""
+    tok = torch.from_numpy(np.stack([r[0] for r in rows]))
+    doc = torch.from_numpy(np.stack([r[1] for r in rows]))
+    labels = tok[:, 1:].clone()
+    labels[doc[:, 1:] != doc[:, :-1]] = IGNORE  # no predicting the next document's <s>
+    doc = doc[:, :-1]
+    return {"input_ids": tok[:, :-1], "labels": labels, "doc_ids": doc - doc[:, :1]}
 
 
 class MixedLoader:
@@ -171,13 +175,8 @@ class MixedLoader:
         self.rng = np.random.default_rng(seed)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        picks = [self.other if self.rng.random() < self.replay else self.main for _ in range(self.batch_size)]
-        rows = []
-        for loader in picks:
-            saved, loader.batch_size = loader.batch_size, 1
-            rows.append(loader.next_batch())
-            loader.batch_size = saved
-        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        return collate([(self.other if self.rng.random() < self.replay else self.main).row()
+                        for _ in range(self.batch_size)])
 
     def state_dict(self) -> dict:
         return {"main": self.main.state_dict(), "other": self.other.state_dict(), "rng": self.rng.bit_generator.state}

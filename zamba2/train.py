@@ -138,8 +138,7 @@ def build_model(cfg: TrainConfig) -> Zamba2LM:
 
 
 def lm_loss(model: Zamba2LM, batch: dict, dtype: torch.dtype) -> torch.Tensor:
-    with torch.autocast("cpu" if model.device.type == "cpu" else model.device.type, dtype=dtype,
-                        enabled=dtype != torch.float32):
+    with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
         logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
     return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
 
