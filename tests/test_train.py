@@ -87,6 +87,16 @@ def test_interrupted_run_resumes_with_identical_losses(data_dir, tmp_path):
     assert any("val_ppl" in r for r in records) and all("loss" in r or "val_loss" in r for r in records)
 
 
+def test_metrics_also_go_to_tensorboard(data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(run_config(data_dir, tmp_path)).run()
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "val_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
+
+
 def test_annealing_phase_mixes_replay(data_dir, tmp_path):
     cfg = run_config(data_dir, tmp_path / "c", anneal_data=str(data_dir), anneal_steps=3, anneal_replay=0.5)
     losses = Trainer(cfg).run()

@@ -43,12 +43,16 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from . import parallel
     from .train import Trainer, TrainConfig
 
     flags = dict(data=args.data, out=args.out, model=args.model, steps=args.steps)
     cfg = TrainConfig.from_toml(args.config, **flags) if args.config else TrainConfig.from_dict(
         {k: v for k, v in flags.items() if v is not None})
-    Trainer(cfg, resume=args.resume).run()
+    try:
+        Trainer(cfg, resume=args.resume).run()
+    finally:
+        parallel.cleanup()
 
 
 def cmd_demo(args) -> None:

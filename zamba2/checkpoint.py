@@ -203,17 +203,19 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: st
 
 
 def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
-         train_state: dict | None = None) -> None:
+         train_state: dict | None = None, state_dict: dict | None = None) -> None:
     """Write config.json + safetensors (sharded with an index past max_shard_bytes) in the transformers layout.
 
     `train_state` (optimizer, step, data position, ...) is written beside it as train_state.pt.
+    `state_dict` replaces model.state_dict(): the gathered full weights of an FSDP-sharded model.
 
     The folder is written beside the target and swapped in by rename, so a failure mid-save (full
     disk, kill) leaves any previous checkpoint at `path` intact.
     """
     path = Path(path)
     cfg = model.config
-    tensors = {native_to_hf(k, cfg): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if state_dict is None else state_dict
+    tensors = {native_to_hf(k, cfg): v.detach().contiguous().cpu() for k, v in weights.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in tensors.items():

@@ -65,7 +65,7 @@ def demo(out: str | Path = "runs/demo", steps: int = 150, seed: int = 0) -> dict
     t0 = time.time()
     trainer.run()
     minutes = (time.time() - t0) / 60
-    val = evaluate(trainer.model, trainer.val_loader, cfg.eval_batches, torch.float32)
+    val = evaluate(trainer, cfg.eval_batches)
     base = unigram_loss(trainer, cfg.eval_batches)
     print(f"trained in {minutes:.1f} min; validation perplexity {math.exp(val):.1f} "
           f"(unigram baseline {math.exp(base):.1f})")

@@ -1,4 +1,4 @@
-"""Pretraining and annealing on packed token shards (single process).
+"""Pretraining and annealing on packed token shards, on one process or many (torchrun + FSDP2).
 
 Recipe (Zamba2 tech report): phase 1 is warmup-stable-decay (WSD) at the peak learning rate; the
 optional phase 2 anneals on high-quality data that replays phase-1 data at a set ratio, re-warming
@@ -7,6 +7,11 @@ to `anneal_lr_factor` (about 0.75) of the first peak and decaying to zero.
 A checkpoint folder is the Hugging Face layout (loadable by zamba2.load and transformers) plus
 train_state.pt (optimizer, step, data position, RNG), written atomically; `resume` continues so the
 losses equal those of an uninterrupted run step for step.
+
+With N processes, every rank reads the same global batch and computes its rows [rank::N]. The data
+position is then one number shared by all ranks, and a checkpoint resumes under any number of
+processes. The loss is normalised by the global count of target tokens, so N processes give the
+same losses and gradients as one.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, parallel
 from .config import PRESETS, Config, preset
 from .data import IGNORE, MixedLoader, PackedLoader, TokenData
 from .model import Zamba2LM
@@ -48,6 +53,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0
     dtype: str = "float32"  # "bfloat16" runs the forward/backward under autocast
+    device: str = "auto"  # "cpu", "cuda", or "auto" (cuda when available); under torchrun, cuda:LOCAL_RANK
     # phase 2: annealing
     anneal_data: str | None = None
     anneal_steps: int = 0
@@ -138,21 +144,32 @@ def build_model(cfg: TrainConfig) -> Zamba2LM:
 
 
 def lm_loss(model: Zamba2LM, batch: dict, dtype: torch.dtype) -> torch.Tensor:
+    """Cross-entropy summed over the batch's target tokens (callers divide by the global token count)."""
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
         logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def target_count(batch: dict) -> int:
+    return int((batch["labels"] != IGNORE).sum())
 
 
 @torch.no_grad()
-def evaluate(model: Zamba2LM, loader: PackedLoader, batches: int, dtype: torch.dtype) -> float:
-    """Mean validation loss over the first `batches` batches of the held-out split (always the same ones)."""
+def evaluate(trainer: "Trainer", batches: int) -> float:
+    """Validation loss per token over the first `batches` batches of the held-out split (always the same ones)."""
+    model, loader = trainer.model, trainer.val_loader
     model.eval()
     saved = loader.state_dict()
     loader.load_state_dict({"pos": loader.lo})
-    losses = [lm_loss(model, loader.next_batch(), dtype).item() for _ in range(batches)]
+    total, count = torch.zeros((), device=trainer.device), 0
+    for _ in range(batches):
+        batch = loader.next_batch()
+        total += lm_loss(model, trainer.local_rows(batch), trainer.dtype)
+        count += target_count(batch)
     loader.load_state_dict(saved)
     model.train()
-    return sum(losses) / len(losses)
+    return parallel.all_sum(total).item() / count
 
 
 class Trainer:
@@ -163,6 +180,9 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.dtype = getattr(torch, cfg.dtype)
+        self.rank, self.world, self.device = parallel.setup(cfg.device)
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
         data = TokenData(cfg.data)
         split = data.split_point(cfg.val_fraction)
         self.train_loader = PackedLoader(data, cfg.seq_len, cfg.batch_size, 0, split)
@@ -184,27 +204,61 @@ class Trainer:
         if self.model.config.vocab_size < data.meta["vocab_size"]:
             raise ValueError(f"data vocabulary ({data.meta['vocab_size']}) exceeds the model's "
                              f"({self.model.config.vocab_size})")
-        self.model.train()
+        self.model.to(self.device).train()
+        if self.world > 1:
+            parallel.shard(self.model)
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                      fused=False)
+        self.tb = self._tensorboard()
         if state is not None:
-            self.opt.load_state_dict(state["optimizer"])
+            parallel.load_optimizer_state(self.model, self.opt, state["optimizer"])
             self.train_loader.load_state_dict(state["train_loader"])
             if self.anneal_loader is not None and "anneal_loader" in state:
                 self.anneal_loader.load_state_dict(state["anneal_loader"])
             torch.set_rng_state(state["rng"])
             self.step = state["step"]
 
+    def _tensorboard(self):
+        """A SummaryWriter under OUT/tb when TensorBoard is installed (rank 0 only), else None."""
+        if self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.out / "tb"))
+
+    def local_rows(self, batch: dict) -> dict:
+        """This rank's rows of a global batch, on this rank's device."""
+        return {k: v[self.rank::self.world].to(self.device) for k, v in batch.items()}
+
     def save(self) -> None:
-        state = {"step": self.step, "optimizer": self.opt.state_dict(), "rng": torch.get_rng_state(),
-                 "train_loader": self.train_loader.state_dict(), "config": asdict(self.cfg)}
+        # gathering the full state is collective; only rank 0 holds the tensors and writes
+        weights = parallel.model_state(self.model)
+        state = {"step": self.step, "optimizer": parallel.optimizer_state(self.model, self.opt),
+                 "rng": torch.get_rng_state(), "train_loader": self.train_loader.state_dict(),
+                 "config": asdict(self.cfg)}
         if self.anneal_loader is not None:
             state["anneal_loader"] = self.anneal_loader.state_dict()
-        checkpoint.save(self.model, self.out / "checkpoint", train_state=state)
+        if self.rank == 0:
+            checkpoint.save(self.model, self.out / "checkpoint", train_state=state, state_dict=weights)
+        parallel.barrier()
 
     def log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+    def progress(self, text: str) -> None:
+        if self.rank == 0:
+            sys.stderr.write(text)
+            sys.stderr.flush()
 
     def run(self, stop_after: int | None = None) -> list[float]:
         """Train to cfg.total_steps (or `stop_after` more steps); returns the training losses of this run."""
@@ -218,15 +272,20 @@ class Trainer:
             for group in self.opt.param_groups:
                 group["lr"] = lr
             loader = self.anneal_loader if self.step >= cfg.steps else self.train_loader
-            loss = 0.0
+            loss = torch.zeros((), device=self.device)
             for _ in range(cfg.grad_accum):
-                micro = lm_loss(model, loader.next_batch(), self.dtype) / cfg.grad_accum
+                batch = loader.next_batch()  # the global micro-batch, the same on every rank
+                # FSDP averages gradients over ranks: scaling by world size makes that a sum over all rows
+                scale = self.world / (max(target_count(batch), 1) * cfg.grad_accum)
+                micro = lm_loss(model, self.local_rows(batch), self.dtype) * scale
                 micro.backward()
-                loss += micro.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                loss += micro.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
+            loss = parallel.all_sum(loss).item() / self.world
             losses.append(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {self.step}; lower lr or check data")
@@ -236,14 +295,12 @@ class Trainer:
                 t0, last = time.time(), self.step
                 self.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
                           "tokens": self.step * tokens_per_step})
-                sys.stderr.write(f"\rstep {self.step}/{cfg.total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                                 f"{tps:,.0f} tok/s ")
-                sys.stderr.flush()
+                self.progress(f"\rstep {self.step}/{cfg.total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s ")
             if self.val_loader is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
-                val = evaluate(model, self.val_loader, cfg.eval_batches, self.dtype)
+                val = evaluate(self, cfg.eval_batches)
                 self.log({"step": self.step, "val_loss": val, "val_ppl": math.exp(val)})
-                sys.stderr.write(f"\n  val loss {val:.4f}  ppl {math.exp(val):.2f}\n")
+                self.progress(f"\n  val loss {val:.4f}  ppl {math.exp(val):.2f}\n")
             if self.step % cfg.save_every == 0 or self.step == cfg.total_steps:
                 self.save()
-        sys.stderr.write("\n")
+        self.progress("\n")
         return losses
