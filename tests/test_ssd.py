@@ -73,3 +73,18 @@ def test_document_boundaries_reset_the_state(chunk):
     # each document equals the document scanned alone (from a zero state after the first)
     y_alone, _ = ssd_sequential(x[:1, 6:15], dt[:1, 6:15], A, B[:1, 6:15], C[:1, 6:15])
     torch.testing.assert_close(y[:1, 6:15], y_alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_doc", [False, True])
+def test_chunked_gradients_equal_sequential(with_doc):
+    """Training backpropagates through the chunked form: its gradients must be the recurrence's."""
+    x, dt, A, B, C, S0 = inputs(l=29)
+    doc = torch.tensor([[0] * 6 + [1] * 9 + [2] * 14, [0] * 20 + [1] * 9]) if with_doc else None
+    grads = []
+    for scan in (lambda *a: ssd_sequential(*a, doc=doc), lambda *a: ssd_chunked(*a[:5], 5, a[5], doc=doc)):
+        leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C, S0)]
+        y, s = scan(*leaves)
+        (y.square().sum() + s.sin().sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for g_chunked, g_ref in zip(*grads[::-1]):
+        torch.testing.assert_close(g_chunked, g_ref, rtol=1e-4, atol=1e-4)

@@ -6,9 +6,10 @@ Three forms with one contract (inputs already discretised: dt after softplus and
 
 - `ssd_sequential`: the recurrence above, one step at a time. Slow and obviously correct: the reference.
 - `ssd_chunked`: the chunked algorithm of the Mamba2 paper (Dao & Gu 2024, section 6 / `ssd_minimal`):
-  within a chunk the scan is a masked, decayed attention (matmuls); between chunks the state is carried.
-  Working memory is O(chunk^2 * heads), independent of the sequence length, and B/C are never repeated
-  from groups to heads (each group's C.B product is computed once).
+  within a chunk the scan is a masked, decayed attention (matmuls); between chunks the state is
+  passed by one small matmul over chunks. Working memory is O(length * chunk * heads): callers bound
+  it by feeding long prompts in pieces (generate does). B/C are never repeated from groups to heads
+  (each group's C.B product is computed once).
 - `ssd_step`: one decode step that updates the state in place.
 
 All accumulate in float32 whatever the input dtype; the state is float32.
@@ -24,6 +25,7 @@ group, p head dim, n state size.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -50,54 +52,84 @@ def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
                 initial_state: Tensor | None = None, doc: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as `ssd_sequential`; exact for any chunk_size."""
+    """Same contract as `ssd_sequential`; exact for any chunk_size.
+
+    All whole chunks are computed at once (no Python loop over chunks); a last partial chunk is a
+    second, smaller call that starts from the state the whole chunks leave.
+    """
+    b, l, h, p = x.shape
+    state = x.new_zeros(b, h, p, B.shape[3], dtype=torch.float32) if initial_state is None \
+        else initial_state.float()
+    if l == 0:
+        return x.new_zeros(b, 0, h, p, dtype=torch.float32), state.clone()
+    q = min(chunk_size, l)
+    whole = l // q * q
+    state_doc = doc[:, 0] if doc is not None else None  # the document the initial state belongs to
+    y, state = _chunks(x[:, :whole], dt[:, :whole], A, B[:, :whole], C[:, :whole], q, state,
+                       doc[:, :whole] if doc is not None else None, state_doc)
+    if whole == l:
+        return y, state
+    if doc is not None:
+        state_doc = doc[:, whole - 1]
+    y_tail, state = _chunks(x[:, whole:], dt[:, whole:], A, B[:, whole:], C[:, whole:], l - whole, state,
+                            doc[:, whole:] if doc is not None else None, state_doc)
+    return torch.cat([y, y_tail], dim=1), state
+
+
+def _chunks(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int, state: Tensor,
+            doc: Tensor | None, state_doc: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The SSD over l = c*q positions in c chunks of q, computed for all chunks at once."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    k = h // g
-    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
-    a = dt * A.float()  # [b,l,h] log-decay per step (<= 0)
-    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.float().clone()
-    state_doc = doc[:, 0] if doc is not None else None  # document the carried state belongs to
-    ys = []
-    for s0 in range(0, l, chunk_size):
-        s1 = min(s0 + chunk_size, l)
-        q = s1 - s0
-        cum = a[:, s0:s1].cumsum(1).transpose(1, 2)  # [b,h,q] decay from chunk start to t (inclusive)
-        dtc = dt[:, s0:s1].transpose(1, 2)  # [b,h,q]
-        Bc = B[:, s0:s1].transpose(1, 2)  # [b,g,q,n]
-        Cc = C[:, s0:s1].transpose(1, 2)  # [b,g,q,n]
-        xc = x[:, s0:s1].permute(0, 2, 1, 3).reshape(b, g, k, q, p)  # [b,g,k,q,p]
+    k, c = h // g, l // q
+    dtc = dt.float().view(b, c, q, h).permute(0, 3, 1, 2)  # [b,h,c,q]
+    cum = (dtc * A.float()[:, None, None]).cumsum(-1)  # [b,h,c,q] log-decay from chunk start to t (inclusive)
+    Bc = B.float().view(b, c, q, g, n).permute(0, 3, 1, 2, 4)  # [b,g,c,q,n]
+    Cc = C.float().view(b, c, q, g, n).permute(0, 3, 1, 2, 4)  # [b,g,c,q,n]
+    xc = x.float().view(b, c, q, g, k, p).permute(0, 3, 4, 1, 2, 5)  # [b,g,k,c,q,p]
+    dc = doc.view(b, c, q) if doc is not None else None
 
-        # 1. inside the chunk: y_i = sum_{j<=i} (C_i.B_j) exp(cum_i - cum_j) dt_j x_j
-        seg = cum[..., :, None] - cum[..., None, :]  # [b,h,q,s]
-        causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-        if doc is not None:
-            dc = doc[:, s0:s1]  # [b,q]
-            causal = causal & (dc[:, :, None] == dc[:, None, :])[:, None]  # [b,1,q,s]: same document only
-        decay = torch.exp(seg.masked_fill(~causal, float("-inf")))  # zero above the diagonal, no inf*0
-        CB = Cc @ Bc.transpose(-1, -2)  # [b,g,q,s], once per group
-        M = CB[:, :, None] * (decay * dtc[:, :, None, :]).view(b, g, k, q, q)  # [b,g,k,q,s]
-        y = M @ xc  # [b,g,k,q,p]
+    # 1. inside each chunk: y_i = sum_{j<=i} (C_i.B_j) exp(cum_i - cum_j) dt_j x_j
+    keep = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    if dc is not None:
+        keep = keep & (dc[..., :, None] == dc[..., None, :])[:, None]  # [b,1,c,q,s]: same document only
+    decay = torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~keep, float("-inf")))  # [b,h,c,q,s]
+    CB = Cc @ Bc.transpose(-1, -2)  # [b,g,c,q,s], once per group
+    y = (CB[:, :, None] * (decay * dtc[..., None, :]).view(b, g, k, c, q, q)) @ xc  # [b,g,k,c,q,p]
 
-        # 2. the state carried in from earlier chunks, decayed to each position
-        S = state.view(b, g, k, p, n)
-        y_in = (Cc[:, :, None] @ S.transpose(-1, -2)) * torch.exp(cum).view(b, g, k, q, 1)
-        if doc is not None:
-            y_in = y_in * (dc == state_doc[:, None]).view(b, 1, 1, q, 1)
-        y = y + y_in
+    # 2. the state each chunk adds by its end, starting from zero
+    w = torch.exp(cum[..., -1:] - cum) * dtc  # [b,h,c,q] decay of each input to its chunk's end
+    log_carry = cum[..., -1]  # [b,h,c] how the state entering a chunk decays across it
+    if dc is not None:
+        w = w * (dc == dc[..., -1:])[:, None]  # only the document open at the chunk end is carried on
+        doc_in = torch.cat([state_doc[:, None], dc[:, :-1, -1]], dim=1)  # [b,c] document entering each chunk
+        log_carry = log_carry.masked_fill((dc[..., -1] != doc_in)[:, None], float("-inf"))
+    own = (xc * w.view(b, g, k, c, q, 1)).transpose(-1, -2) @ Bc[:, :, None]  # [b,g,k,c,p,n]
 
-        # 3. the state at the end of this chunk
-        w = (torch.exp(cum[..., -1:] - cum) * dtc).view(b, g, k, q, 1)  # decay of each input to chunk end
-        carry = torch.exp(cum[..., -1])[..., None, None]  # [b,h,1,1]
-        if doc is not None:  # only the document still open at the chunk end is carried on
-            w = w * (dc == dc[:, -1:]).view(b, 1, 1, q, 1)
-            carry = carry * (dc[:, -1] == state_doc).view(b, 1, 1, 1)
-            state_doc = dc[:, -1]
-        new = (xc * w).transpose(-1, -2) @ Bc[:, :, None]  # [b,g,k,p,q] @ [b,g,1,q,n] -> [b,g,k,p,n]
-        state = state * carry + new.view(b, h, p, n)
-        ys.append(y.view(b, h, q, p))
-    y = torch.cat(ys, dim=2).transpose(1, 2) if ys else x.new_zeros(b, h, 0, p).transpose(1, 2)
-    return y, state  # y [b,l,h,p]
+    # 3. the states entering chunks 0..c (c = the final state), as one matmul over chunks:
+    #    S_in[z] = sum_{j<=z} (prod_{j<=m<z} carry_m) src[j],  src = [initial state, own_0, ..., own_{c-1}]
+    src = torch.cat([state[:, :, None], own.reshape(b, h, c, p, n)], dim=2).view(b, h, c + 1, p * n)
+    S_in = (torch.exp(_segsum(F.pad(log_carry, (1, 0)))) @ src).view(b, h, c + 1, p, n)
+
+    # 4. the entering state, decayed to each position
+    y_in = (Cc[:, :, None] @ S_in[:, :, :c].reshape(b, g, k, c, p, n).transpose(-1, -2))  # [b,g,k,c,q,p]
+    y_in = y_in * torch.exp(cum).view(b, g, k, c, q, 1)
+    if dc is not None:
+        y_in = y_in * (dc == doc_in[..., None]).view(b, 1, 1, c, q, 1)
+    y = (y + y_in).permute(0, 3, 4, 1, 2, 5).reshape(b, l, h, p)
+    return y, S_in[:, :, c]
+
+
+def _segsum(v: Tensor) -> Tensor:
+    """v [..., T] -> [..., T, T] with out[i, j] = sum_{j < m <= i} v[m], and -inf above the diagonal.
+
+    Summed directly rather than as a difference of cumsums, so -inf entries (document resets) give
+    -inf (a zero decay) instead of nan.
+    """
+    T = v.shape[-1]
+    tri = torch.ones(T, T, dtype=torch.bool, device=v.device)
+    v = v[..., None].expand(*v.shape, T).masked_fill(~tri.tril(-1), 0)  # [m, j] = v[m] where m > j
+    return v.cumsum(-2).masked_fill(~tri.tril(), float("-inf"))
 
 
 def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor) -> Tensor:
