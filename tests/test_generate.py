@@ -68,6 +68,33 @@ def test_left_padded_generation_equals_alone():
     assert torch.equal(out[0], zamba2.generate(model, a, 8)[0])
 
 
+@pytest.mark.parametrize("piece", [1, 3, 7, 20])
+def test_prompt_prefilled_in_pieces_equals_one_prefill(piece):
+    """Long prompts go through the cache in pieces (pieces of padding only, too): same tokens as one piece."""
+    model = random_model()
+    ids = torch.randint(3, 128, (2, 20))
+    ids[1, :9] = 0
+    mask = (ids != 0).long()
+    whole = zamba2.generate(model, ids, 6, attention_mask=mask)
+    assert torch.equal(zamba2.generate(model, ids, 6, attention_mask=mask, prefill_chunk=piece), whole)
+
+
+def test_int8_weights_generate_close_to_float():
+    model = random_model(vocab_size=512, hidden_size=64)
+    ids = torch.randint(3, 512, (2, 24))
+    ref = model(ids)
+    q = zamba2.quantize_int8(random_model(vocab_size=512, hidden_size=64))
+    # every projection and the head; only the adapters' rank-4 up-projections (K=4) stay in float
+    assert {type(m).__name__ for m in q.modules() if hasattr(m, "in_features")} == {"Linear"}
+    assert all(m.in_features == 4 for m in q.modules() if type(m).__name__ == "Linear")
+    assert q.lm_head.weight.dtype == torch.int8
+    err = (q(ids) - ref).norm() / ref.norm()
+    assert err < 0.02, err
+    assert torch.equal(zamba2.generate(q, ids, 4)[:, :24], ids)  # the decode path runs
+    with pytest.raises(ValueError, match="quantized"):
+        q.save("never-written")
+
+
 def test_prompt_longer_than_context_is_an_error():
     model = random_model(max_position_embeddings=16)
     with pytest.raises(ValueError, match="exceeds the model's context length"):

@@ -5,7 +5,8 @@ from .checkpoint import CheckpointError, load, save
 from .config import Config, preset, tiny
 from .generate import generate, sample, stream
 from .model import Zamba2LM
+from .quant import quantize_int8
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["Config", "Zamba2LM", "HybridCache", "CheckpointError", "load", "save", "generate", "stream", "sample",
-           "preset", "tiny", "Tokenizer", "load_tokenizer"]
+           "preset", "tiny", "quantize_int8", "Tokenizer", "load_tokenizer"]

@@ -11,9 +11,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 def cmd_generate(args) -> None:
     import torch
 
-    from . import load, load_tokenizer, stream
+    from . import load, load_tokenizer, quantize_int8, stream
 
     model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    if args.int8:
+        quantize_int8(model)
     tok = load_tokenizer(args.model)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     # runtime
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    g.add_argument("--int8", action="store_true",
+                   help="int8 weight-only matmuls on CPU: about 2x faster decode, 1/4 of the matmul weight memory")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="prepare a bundled corpus, train a small Zamba2 on CPU, evaluate and sample")

@@ -212,6 +212,8 @@ def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2*
     The folder is written beside the target and swapped in by rename, so a failure mid-save (full
     disk, kill) leaves any previous checkpoint at `path` intact.
     """
+    if model.quantized:
+        raise ValueError(f"this model is {model.quantized}-quantized for inference; save the float model instead")
     path = Path(path)
     cfg = model.config
     weights = model.state_dict() if state_dict is None else state_dict

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .model import Zamba2LM
 
+PREFILL_CHUNK = 2048  # prompt tokens per prefill forward: large enough for full-speed matmuls
+
 
 def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> Tensor:
@@ -33,8 +35,13 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
 @torch.inference_mode()
 def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-           attention_mask: Tensor | None = None, seed: int | None = None) -> Iterator[Tensor]:
-    """Yield the next token of every sequence ([b]) as it is produced; finished sequences yield pad."""
+           attention_mask: Tensor | None = None, seed: int | None = None,
+           prefill_chunk: int = PREFILL_CHUNK) -> Iterator[Tensor]:
+    """Yield the next token of every sequence ([b]) as it is produced; finished sequences yield pad.
+
+    The prompt is prefilled in pieces of `prefill_chunk` tokens through the cache, so the memory a
+    long prompt needs beyond its KV cache is bounded by the piece, not by the prompt.
+    """
     cfg = model.config
     input_ids = torch.as_tensor(input_ids, device=model.device)
     if input_ids.dim() == 1:
@@ -42,8 +49,8 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
     b, t = input_ids.shape
     if t == 0:
         raise ValueError("empty prompt: give at least one token (e.g. BOS)")
-    if max_new_tokens < 0:
-        raise ValueError("max_new_tokens must be >= 0")
+    if max_new_tokens < 0 or prefill_chunk < 1:
+        raise ValueError("max_new_tokens must be >= 0 and prefill_chunk >= 1")
     if t + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
                          f"length ({cfg.max_position_embeddings})")
@@ -53,7 +60,10 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(b, capacity=t + max_new_tokens)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
-    logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1)[:, -1]
+    for s in range(0, t, prefill_chunk):
+        e = min(s + prefill_chunk, t)
+        mask = attention_mask[:, :e] if attention_mask is not None else None
+        logits = model(input_ids[:, s:e], attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
     for _ in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, gen)
         token = torch.where(done, torch.full_like(token, pad), token)
@@ -66,11 +76,12 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
 
 def generate(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-             attention_mask: Tensor | None = None, seed: int | None = None) -> Tensor:
+             attention_mask: Tensor | None = None, seed: int | None = None,
+             prefill_chunk: int = PREFILL_CHUNK) -> Tensor:
     """Token ids [b, prompt + new]. Stops per sequence at EOS (pads after it) and when all have stopped."""
     input_ids = torch.as_tensor(input_ids, device=model.device)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                      attention_mask, seed))
+                      attention_mask, seed, prefill_chunk))
     return torch.cat([input_ids, torch.stack(new, 1)], dim=1) if new else input_ids

@@ -29,6 +29,29 @@ from .config import Config
 from .ssd import ssd_chunked, ssd_step
 
 
+FEW_ROWS = 16
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear, except that a float32 CPU input of few rows (decode) is computed as (W @ x^T)^T.
+
+    With the weight as the left operand, MKL's GEMM ran 1.5-3x faster for 2-16 rows and no slower for
+    one, on every preset's shapes (measured on the 2-core AVX2 machine); large inputs keep F.linear.
+    """
+    rows = x.numel() // x.shape[-1]
+    if rows > FEW_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    y = (weight @ x.reshape(rows, -1).t()).t()  # [rows, out]
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """Normalise in fp32, cast back, then scale (the multiply runs in the input dtype, as transformers does)."""
 
@@ -44,13 +67,13 @@ class RMSNorm(nn.Module):
         if gate is not None:  # Mamba2's gated norm: gate before normalising (norm_before_gate=False)
             x = x * F.silu(gate.float())
         xg = x.view(*x.shape[:-1], -1, self.group_size)  # per-group RMS (groups of d_inner / ngroups)
-        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        xg = F.rms_norm(xg, (self.group_size,), eps=self.eps)  # x * rsqrt(mean(x^2) + eps), one fused op
         return self.weight * xg.view(x.shape).to(dtype)
 
 
 def adapter(d_in: int, rank: int, d_out: int) -> nn.Sequential:
     """Rank-r down/up pair applied to the same input as the base projection and summed, unscaled."""
-    return nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False))
+    return nn.Sequential(Linear(d_in, rank, bias=False), Linear(rank, d_out, bias=False))
 
 
 class Mamba2Mixer(nn.Module):
@@ -59,13 +82,13 @@ class Mamba2Mixer(nn.Module):
         self.d_inner, self.conv_dim = c.d_inner, c.conv_dim
         self.heads, self.headdim, self.groups, self.state = c.n_mamba_heads, c.mamba_headdim, c.mamba_ngroups, c.mamba_d_state
         self.dt_min = c.time_step_min
-        self.in_proj = nn.Linear(c.hidden_size, c.in_proj_size, bias=c.add_bias_linear)  # rows [z, x, B, C, dt]
+        self.in_proj = Linear(c.hidden_size, c.in_proj_size, bias=c.add_bias_linear)  # rows [z, x, B, C, dt]
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.mamba_d_conv, groups=c.conv_dim, bias=c.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.zeros(c.n_mamba_heads))
         self.A_log = nn.Parameter(torch.zeros(c.n_mamba_heads))  # A = -exp(A_log), one scalar per head
         self.D = nn.Parameter(torch.ones(c.n_mamba_heads))  # skip, per head
         self.norm = RMSNorm(c.d_inner, eps=1e-5, group_size=c.d_inner // c.mamba_ngroups)  # eps fixed in Mamba2
-        self.out_proj = nn.Linear(c.d_inner, c.hidden_size, bias=c.add_bias_linear)
+        self.out_proj = Linear(c.d_inner, c.hidden_size, bias=c.add_bias_linear)
 
     def conv(self, xBC: Tensor, conv_state: Tensor | None, doc: Tensor | None = None) -> Tensor:
         """Depthwise causal conv + SiLU over xBC [b,l,c]; continues from / updates conv_state [b,c,k-1]."""
@@ -77,6 +100,13 @@ class Mamba2Mixer(nn.Module):
             for s in range(k):
                 same = (doc == F.pad(doc, (s, 0), value=-1)[:, :l])[:, None]  # [b,1,l]
                 out = out + self.conv1d.weight[:, 0, k - 1 - s, None] * F.pad(xt, (s, 0))[..., :l] * same
+            return F.silu(out).transpose(1, 2)
+        if conv_state is not None and xt.shape[-1] == 1:  # decode: a 4-tap dot product, not a conv call
+            full = torch.cat([conv_state, xt], dim=-1)  # [b,c,k]
+            conv_state.copy_(full[..., 1:])
+            out = (full * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)
+            if self.conv1d.bias is not None:
+                out = out + self.conv1d.bias[:, None]
             return F.silu(out).transpose(1, 2)
         if conv_state is None:
             full = F.pad(xt, (k - 1, 0))
@@ -123,10 +153,10 @@ class SharedAttention(nn.Module):
         super().__init__()
         A, hd = c.attention_hidden_size, c.attention_head_dim
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, hd
-        self.q_proj = nn.Linear(A, self.heads * hd, bias=False)
-        self.k_proj = nn.Linear(A, self.kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(A, self.kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.heads * hd, c.hidden_size, bias=False)
+        self.q_proj = Linear(A, self.heads * hd, bias=False)
+        self.k_proj = Linear(A, self.kv_heads * hd, bias=False)
+        self.v_proj = Linear(A, self.kv_heads * hd, bias=False)
+        self.o_proj = Linear(self.heads * hd, c.hidden_size, bias=False)
         # Zamba2 scales by (head_dim/2)^-0.5: the original code derives it from kv_channels = D / heads,
         # while the real head dim is 2D / heads (the input is the 2D-wide concatenation).
         self.scale = (hd / 2) ** -0.5
@@ -135,8 +165,8 @@ class SharedAttention(nn.Module):
 class SharedMLP(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.add_bias_linear)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.add_bias_linear)
+        self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.add_bias_linear)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.add_bias_linear)
         self.act = {"gelu": F.gelu, "silu": F.silu,
                     "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[c.hidden_act]
 
@@ -201,7 +231,7 @@ class Layer(nn.Module):
         self.block = None if self.visit is None else self.visit % c.num_mem_blocks  # round-robin ABAB...
         self.q_adapter = self.k_adapter = self.v_adapter = self.mlp_adapter = None
         if self.visit is not None:
-            self.linear = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
+            self.linear = Linear(c.hidden_size, c.hidden_size, bias=False)
             r, A, hd = c.adapter_rank, c.attention_hidden_size, c.attention_head_dim
             if c.use_shared_attention_adapter:
                 self.q_adapter = adapter(A, r, c.num_attention_heads * hd)
@@ -228,6 +258,8 @@ class _Context:
 
 
 class Zamba2LM(nn.Module):
+    quantized: str | None = None  # "int8" after quant.quantize_int8: inference only, not savable
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = c = config
@@ -235,7 +267,7 @@ class Zamba2LM(nn.Module):
         self.layers = nn.ModuleList(Layer(c, i) for i in range(c.num_hidden_layers))
         self.shared_blocks = nn.ModuleList(SharedBlock(c) for _ in range(c.num_mem_blocks))
         self.final_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size, bias=False)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -351,4 +383,4 @@ class Zamba2LM(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.final_layernorm(x)
-        return F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+        return linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)

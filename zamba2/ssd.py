@@ -133,14 +133,15 @@ def _segsum(v: Tensor) -> Tensor:
 
 
 def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor) -> Tensor:
-    """One token. x [b,h,p], dt [b,h], B/C [b,g,n]; `state` [b,h,p,n] fp32 is updated in place -> y [b,h,p]."""
+    """One token. x [b,h,p], dt [b,h], B/C [b,g,n]; `state` [b,h,p,n] fp32 is updated in place -> y [b,h,p].
+
+    Three batched ops over (batch, group): decay, rank-1 update, read-out. Broadcasting elementwise forms
+    of the same update ran ~10x slower on CPU in measurements (decode is dominated by per-op cost).
+    """
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    k = h // g
     dt = dt.float()
-    S = state.view(b, g, k, p, n)
-    decay = torch.exp(dt * A.float()).view(b, g, k, 1, 1)
-    xdt = (x.float() * dt[..., None]).view(b, g, k, p, 1)
-    S.mul_(decay).add_(xdt * B.float().view(b, g, 1, 1, n))
-    y = S @ C.float().view(b, g, 1, n, 1)  # [b,g,k,p,1]
-    return y.view(b, h, p)
+    state.mul_(torch.exp(dt * A.float())[..., None, None])
+    S = state.view(b * g, (h // g) * p, n)  # the heads of a group share B and C
+    S.baddbmm_((x.float() * dt[..., None]).reshape(b * g, -1, 1), B.float().reshape(b * g, 1, n))
+    return torch.bmm(S, C.float().reshape(b * g, n, 1)).view(b, h, p)
