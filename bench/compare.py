@@ -1,12 +1,18 @@
 """zamba2 against transformers.Zamba2ForCausalLM on this machine, on the same random weights, in one run.
 
-    python bench/compare.py --preset small [--dtype bfloat16] [--threads 2] [--skip-hf] [--json out.json]
+    python bench/compare.py --preset small [--dtype bfloat16] [--int8] [--long 32768] [--threads 2] [--skip-hf]
+                            [--json out.json]
 
 Measures prefill tokens/s (batch 1 at 128, 512, 2048 tokens), greedy decode tokens/s (64 new tokens after
 a 128-token prompt, at batch 1 and 8; the prefill is excluded by timing from the first generated token to
 the last) and the peak resident memory each phase adds. It also measures this machine's matmul rate and
 memory bandwidth and reports each phase as a fraction of them, and checks that both implementations
 produce the same last-token logits and greedy tokens.
+
+--int8 runs our model with int8 weight-only matmuls (zamba2.quantize_int8) against transformers in the
+given dtype; its greedy tokens then differ where quantization flips near-ties. --long N also prefills an
+N-token prompt through zamba2.generate (in pieces) and reports the memory it adds beyond its KV cache and
+states.
 
 Only one model is in memory at a time: ours runs first, is saved in the Hugging Face layout, freed, and
 transformers loads the saved copy (a 1.2B model is ~5 GB in float32).
@@ -247,6 +253,24 @@ def run_phases(prefill, decode, prompts: dict, decode_prompts: dict) -> dict:
     return res
 
 
+def long_prompt(model: zamba2.Zamba2LM, n: int) -> dict:
+    """Prefill n tokens as generate does (in pieces); the memory beyond KV cache + states is working memory."""
+    c = model.config
+    ids = torch.randint(3, c.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        zamba2.generate(model, ids, 1)
+        secs = time.perf_counter() - t0
+    cache = model.new_cache(1, capacity=n + 1)
+    kv = sum(t.numel() * t.element_size() for t in [*cache.keys.values(), *cache.values.values()])
+    state = sum(t.numel() * t.element_size() for t in cache.conv + cache.ssm)
+    row = {"tok_s": n / secs, "peak_extra_bytes": mem.extra, "tokens_per_pass": n, "kv_bytes": kv,
+           "state_bytes": state}
+    print(f"  long prompt {n}: {n / secs:.1f} tok/s; adds {mem.extra / 1e6:.0f} MB = KV cache {kv / 1e6:.0f} MB"
+          f" + states {state / 1e6:.1f} MB + {(mem.extra - kv - state) / 1e6:.0f} MB working memory", flush=True)
+    return row
+
+
 # ---- report ----
 
 def fmt(row: dict | None, key: str, scale: float = 1.0, spec: str = ".1f") -> str:
@@ -260,7 +284,7 @@ def ratio(a: dict | None, b: dict | None, key: str) -> str:
     return f"{a[key] / b[key]:.2f}x" if ok else "-"
 
 
-def print_tables(results: dict, p_eff: int, elem: int, limits: dict, dtype: torch.dtype) -> None:
+def print_tables(results: dict, p_eff: int, elems: dict, limits: dict, dtype: torch.dtype) -> None:
     z, h = results["zamba2"], results.get("transformers", {})
     print(f"\n{'phase':<14}{'zamba2 tok/s':>24}{'hf tok/s':>24}{'z/hf':>8}{'zamba2 +MB':>12}{'hf +MB':>8}{'z/hf':>7}")
     for name in z:
@@ -273,12 +297,13 @@ def print_tables(results: dict, p_eff: int, elem: int, limits: dict, dtype: torc
     flops, bw = limits[f"matmul_{dt_name(dtype)}"], limits["gemv_float32"]
     print(f"\nfraction of machine limits: FLOP/s = tok/s x 2 x {p_eff / 1e6:.1f}M effective params, vs "
           f"{dt_name(dtype)} matmul {flops / 1e9:.1f} GFLOP/s;\n  weight bytes/s = passes/s x "
-          f"{p_eff * elem / 1e6:.3g} MB ({p_eff / 1e6:.1f}M x {elem} B, one pass per prefill or decode step), "
+          f"{p_eff / 1e6:.1f}M x {elems['zamba2']} B (zamba2), x {elems['transformers']} B (transformers); one pass "
+          f"per prefill or decode step; "
           f"vs float32 GEMV {bw / 1e9:.1f} GB/s")
     print(f"{'phase':<14}{'zamba2 %FLOP':>14}{'zamba2 %BW':>12}{'hf %FLOP':>12}{'hf %BW':>10}")
     for name in z:
         cells = []
-        for row in (z[name], h.get(name)):
+        for row, elem in ((z[name], elems["zamba2"]), (h.get(name), elems["transformers"])):
             ok = row is not None and "tok_s" in row
             cells.append(f"{100 * row['tok_s'] * 2 * p_eff / flops:.3g}%" if ok else "-")
             cells.append(f"{100 * row['tok_s'] / row['tokens_per_pass'] * p_eff * elem / bw:.3g}%" if ok else "-")
@@ -309,6 +334,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, choices=["tiny", "small", "1.2b"], help="model shape (random weights)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight and activation dtype")
+    ap.add_argument("--int8", action="store_true", help="our model with int8 weight-only matmuls")
+    ap.add_argument("--long", type=int, default=0, help="also prefill a prompt of this many tokens (memory check)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--skip-hf", action="store_true", help="measure zamba2 only")
     ap.add_argument("--json", help="also write every number to this file")
@@ -325,8 +352,11 @@ def main() -> None:
                                          for k, v in limits.items()))
 
     torch.manual_seed(0)
-    model = zamba2.Zamba2LM(zamba2.preset(args.preset)).to(dtype).eval()
+    cfg = zamba2.preset(args.preset)
+    cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.long + 1)
+    model = zamba2.Zamba2LM(cfg).to(dtype).eval()
     cfg, p_eff, elem = model.config, effective_params(model), dtype.itemsize
+    elems = {"zamba2": elem, "transformers": elem}
     print(f"preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{p_eff / 1e6:.1f}M effective per token (shared block counted per use)")
     g = torch.Generator().manual_seed(0)
@@ -338,8 +368,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         if not args.skip_hf:
             model.save(tmp)
-        print("zamba2:", flush=True)
+        if args.int8:
+            zamba2.quantize_int8(model)
+            elems["zamba2"] = 1  # the matmul weights; the float embedding is read one row per token
+        print("zamba2" + (" int8" if args.int8 else "") + ":", flush=True)
         results["zamba2"] = run_phases(*ours(model), prompts, decode_prompts)
+        if args.long:
+            results["zamba2"][f"long prompt {args.long}"] = long_prompt(model, args.long)
         del model
         if not args.skip_hf:
             import transformers
@@ -350,7 +385,7 @@ def main() -> None:
             print(f"transformers {transformers.__version__}:", flush=True)
             results["transformers"] = run_phases(*theirs(hf), prompts, decode_prompts)
 
-    print_tables(results, p_eff, elem, limits, dtype)
+    print_tables(results, p_eff, elems, limits, dtype)
     other = other_cores(start)
     print(f"other processes used {other:.2f} cores on average during this run"
           + (": the timings are not reliable" if other > 0.1 else ""))

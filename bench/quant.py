@@ -1,0 +1,86 @@
+"""What bfloat16 and int8 weights cost in accuracy, and what they buy in decode speed, on a trained model.
+
+    zamba2 demo --out runs/demo                     # a trained checkpoint (or use any real one)
+    python bench/quant.py --model runs/demo/checkpoint [--data FILE.txt|.jsonl] [--windows 8]
+
+Perplexity is measured on real text: by default the documents the demo holds out for validation (the last
+10% of Python's pydoc topics), cut into 512-token windows. Logit error is ||logits - logits_fp32|| /
+||logits_fp32|| over all positions; top-1 agreement is how often the argmax matches float32's. Decode is
+64 greedy tokens after a 128-token prompt at batch 1, timed from the first new token to the last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+import zamba2
+from zamba2.data import read_documents
+
+WINDOW = 512
+
+
+def text_windows(args, tok) -> torch.Tensor:
+    if args.data:
+        docs = list(read_documents([args.data]))
+    else:
+        import pydoc_data.topics
+
+        topics = pydoc_data.topics.topics
+        docs = [topics[k] for k in sorted(topics)]
+        docs = docs[len(docs) - max(1, round(0.1 * len(docs))):]  # the demo's validation documents
+    ids = [t for d in docs for t in [tok.bos_id] + tok.encode(d) + [tok.eos_id]]
+    n = min(args.windows, len(ids) // WINDOW)
+    return torch.tensor(ids[:n * WINDOW]).view(n, WINDOW)
+
+
+@torch.inference_mode()
+def score(model, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
+    logits = torch.cat([model(w[None]).float() for w in windows])  # [n, WINDOW, vocab]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten())
+    return math.exp(nll.item()), logits
+
+
+def decode_rate(model) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    zamba2.generate(model, ids, 2)
+    times = []
+    for new in (1, 65):
+        t0 = time.perf_counter()
+        zamba2.generate(model, ids, new)
+        times.append(time.perf_counter() - t0)
+    return 64 / (times[1] - times[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder")
+    ap.add_argument("--data", default=None, help="text or JSONL file (default: the demo's validation topics)")
+    ap.add_argument("--windows", type=int, default=8, help="512-token windows to score")
+    args = ap.parse_args()
+    tok = zamba2.load_tokenizer(args.model)
+    windows = text_windows(args, tok)
+    base = zamba2.load(args.model)
+    variants = {"float32": base, "bfloat16": copy.deepcopy(base).to(torch.bfloat16),
+                "int8": zamba2.quantize_int8(copy.deepcopy(base))}
+    print(f"{args.model}: {windows.numel():,} tokens of text in {len(windows)} windows")
+    print(f"{'weights':9s} {'ppl':>8s} {'d ppl':>7s} {'logit err':>10s} {'top-1 agree':>12s} {'decode tok/s':>13s} {'x fp32':>7s}")
+    ref_ppl, ref_logits, ref_rate = None, None, None
+    for name, model in variants.items():
+        ppl, logits = score(model, windows)
+        rate = decode_rate(model)
+        if ref_logits is None:
+            ref_ppl, ref_logits, ref_rate = ppl, logits, rate
+        err = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+        agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+        print(f"{name:9s} {ppl:8.2f} {100 * (ppl / ref_ppl - 1):+6.2f}% {err:10.2e} {100 * agree:11.2f}% "
+              f"{rate:13.1f} {rate / ref_rate:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
