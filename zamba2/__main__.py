@@ -57,6 +57,13 @@ def cmd_demo(args) -> None:
     demo(args.out, args.steps)
 
 
+def cmd_serve(args) -> None:
+    from .serve.app import Limits, serve
+
+    limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_n=args.max_n)
+    serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zamba2", description="Run, train and serve Zamba2 hybrid language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="phase-1 steps (overrides the config)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat) with continuous batching")
+    s.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: folder name)")
+    s.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    # batching limits
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503 (default 256)")
+    s.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt) accepted (default 16)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 
