@@ -2,13 +2,8 @@
 (completions, chat, streaming) and by raw HTTP for the error cases."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,40 +11,14 @@ import torch
 
 import zamba2
 from conftest import random_model
+from server_process import start_server
 
 openai = pytest.importorskip("openai")
 
-ROOT = Path(__file__).resolve().parents[1]
 # Mistral-instruct style: BOS, [INST] turns, EOS after each assistant answer
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
             "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
 NAME = "tiny-zamba2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(folder, *flags):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "zamba2", "serve", "--model", str(folder), "--port", str(port),
-                             "--served-model-name", NAME, *flags], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not come up in 60 s")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +32,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    proc, url = start_server(checkpoint, "--max-batch", "16", "--max-n", "4")
+    proc, url = start_server(checkpoint, NAME, "--max-batch", "16", "--max-n", "4")
     yield url
     proc.terminate()
     proc.wait(30)
