@@ -2,6 +2,8 @@
 (completions, chat, streaming) and by raw HTTP for the error cases."""
 
 import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +13,7 @@ import torch
 
 import zamba2
 from conftest import random_model
-from server_process import start_server
+from server_process import ROOT, start_server
 
 openai = pytest.importorskip("openai")
 
@@ -56,6 +58,12 @@ def greedy_text(local, ids, n):
     if 2 in out:
         out = out[:out.index(2)]
     return tok.decode(ids[-8:] + out)[len(tok.decode(ids[-8:])):]
+
+
+def test_help_lists_serve_and_eval():
+    out = subprocess.run([sys.executable, "-m", "zamba2", "--help"], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=60)
+    assert out.returncode == 0 and "serve" in out.stdout and "eval" in out.stdout
 
 
 def test_models_health_and_tokenizer_endpoints(client, server, local):

@@ -31,15 +31,17 @@ class Zamba2Harness(TemplateLM):
     def __init__(self, pretrained: str, dtype: str = "float32", device: str | None = "cpu", batch_size: int | str = 1,
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = False, **unused):
         super().__init__()
-        if not hasattr(torch, str(dtype)) or not isinstance(getattr(torch, str(dtype)), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
         device = device or "cpu"
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line asks for cuda by default; its HF model falls back the same way
         self.model = load(pretrained, dtype=getattr(torch, dtype), device=device)
         self.tok = load_tokenizer(pretrained)
         cfg = self.model.config
-        self.batch_size = 1 if batch_size == "auto" else int(batch_size)
+        if self.tok.vocab_size > cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tok.vocab_size} tokens but the model only {cfg.vocab_size}")
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)  # no memory probing
         self.max_length = int(max_length or cfg.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = str(add_bos_token).lower() in ("true", "1")

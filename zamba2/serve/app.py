@@ -50,6 +50,7 @@ class _Choice:
         self.tokens: list[int] = []
         self.logprobs: list[tuple[int, float, list]] = []  # (token, logprob, top) per generated token
         self.logprobs_sent = 0
+        self.offset = 0  # text_offset of the next token's logprobs entry (streaming)
         self.prompt_logprobs = None
         self.finish: str | None = None
         self.error: str | None = None
@@ -127,7 +128,7 @@ class Server:
                            f"were requested ({len(ids)} in the prompt, {max_tokens} to generate)", param="max_tokens")
         return max_tokens
 
-    def start(self, choices: list[_Choice], body, max_tokens: list[int], logprobs: int | None, echo: bool,
+    def submit(self, choices: list[_Choice], body, max_tokens: list[int], logprobs: int | None, echo: bool,
               queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         temperature = _pick(body.temperature, self.defaults.get("temperature"), 1.0)
@@ -148,7 +149,7 @@ class Server:
         except QueueFull as e:
             raise APIError(str(e), 503, kind="server_overloaded") from None
 
-    def stop(self, choices: list[_Choice]) -> None:
+    def cancel(self, choices: list[_Choice]) -> None:
         for c in choices:
             if c.request is not None and not c.request.cancelled:
                 self.engine.cancel(c.request)
@@ -164,12 +165,14 @@ class Server:
                     self.engine.cancel(choice.request)  # a no-op when the engine finished it; frees it on a stop string
                 yield choice
         finally:  # also on client disconnect (the streaming task is cancelled) and on errors
-            self.stop(choices)
+            self.cancel(choices)
 
     # --- responses ---------------------------------------------------------------------------------
 
     def completion_logprobs(self, tokens: list[int], entries: list, offset: int = 0) -> dict:
-        """OpenAI's legacy logprobs object for `tokens`; entries[i] is None or (logprob, top) for tokens[i]."""
+        """OpenAI's legacy logprobs object for `tokens`; entries[i] is None or (logprob, top) for tokens[i].
+
+        text_offset counts the token strings as shown in `tokens` (SentencePiece's word marker as a space)."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for t, e in zip(tokens, entries):
             text = self.codec.token_text(t)
@@ -294,7 +297,7 @@ def create_app(server: Server) -> FastAPI:
         n = body.n
         choices = [_Choice(i * n + j, p, server.codec, body.stops) for i, p in enumerate(prompts) for j in range(n)]
         queue: asyncio.Queue = asyncio.Queue()
-        server.start(choices, body, [max_tokens[c.index // n] for c in choices], body.logprobs, body.echo, queue)
+        server.submit(choices, body, [max_tokens[c.index // n] for c in choices], body.logprobs, body.echo, queue)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
 
@@ -309,24 +312,27 @@ def create_app(server: Server) -> FastAPI:
             return text, lp
 
         def logprobs_of(c: _Choice, entries, offset: int) -> dict:
-            return server.completion_logprobs([t for t, _, _ in entries], [(lp, top) for _, lp, top in entries],
-                                              offset)
+            lp = server.completion_logprobs([t for t, _, _ in entries], [(lp, top) for _, lp, top in entries], offset)
+            c.offset = lp["text_offset"][-1] + len(lp["tokens"][-1]) if entries else offset
+            return lp
 
         if body.stream:
             async def events():
                 started: set[int] = set()
                 async for c in server.run(choices, queue):
                     if c.error:
+                        server.cancel(choices)
                         yield _sse(APIError(c.error, 500, kind="server_error").body())
                         break
                     text, lp = "", None
                     if c.index not in started and (c.tokens or c.finish):
                         started.add(c.index)
                         text, lp = head(c)
+                        c.offset = len(text)
                     text += c.new_text()
                     entries = c.new_logprobs()
                     if body.logprobs is not None:
-                        more = logprobs_of(c, entries, len(text))
+                        more = logprobs_of(c, entries, c.offset)
                         lp = more if lp is None else {k: lp[k] + more[k] for k in lp}
                     if text or lp or c.finish:
                         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": server.name,
@@ -341,6 +347,7 @@ def create_app(server: Server) -> FastAPI:
 
         async for c in server.run(choices, queue):
             if c.error:
+                server.cancel(choices)
                 raise APIError(c.error, 500, kind="server_error")
         out = []
         for c in choices:
@@ -366,7 +373,7 @@ def create_app(server: Server) -> FastAPI:
         choices = [_Choice(j, prompt, server.codec, body.stops) for j in range(body.n)]
         queue: asyncio.Queue = asyncio.Queue()
         k = body.top_logprobs or 0
-        server.start(choices, body, [max_tokens] * body.n, k if body.logprobs else None, False, queue)
+        server.submit(choices, body, [max_tokens] * body.n, k if body.logprobs else None, False, queue)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if body.stream:
@@ -380,6 +387,7 @@ def create_app(server: Server) -> FastAPI:
                     yield chunk(c, {"role": "assistant", "content": ""})
                 async for c in server.run(choices, queue):
                     if c.error:
+                        server.cancel(choices)
                         yield _sse(APIError(c.error, 500, kind="server_error").body())
                         break
                     delta, entries = c.new_text(), c.new_logprobs()
@@ -396,6 +404,7 @@ def create_app(server: Server) -> FastAPI:
 
         async for c in server.run(choices, queue):
             if c.error:
+                server.cancel(choices)
                 raise APIError(c.error, 500, kind="server_error")
         return {"id": rid, "object": "chat.completion", "created": created, "model": server.name,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
