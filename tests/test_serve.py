@@ -96,9 +96,12 @@ def test_streaming_gives_the_same_text_then_usage_and_done(client, server):
     chunks = list(client.completions.create(stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
     assert chunks[-1].usage.completion_tokens == 12 or chunks[-2].choices[0].finish_reason == "stop"
-    with httpx.stream("POST", f"{server}/v1/completions", json={**kw, "stream": True}) as r:
+    with httpx.stream("POST", f"{server}/v1/completions", json={**kw, "stream": True, "logprobs": 2}) as r:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    streamed = [t for e in events if e["choices"] for t in e["choices"][0]["logprobs"]["token_logprobs"]]
+    assert len(streamed) == events[-1]["usage"]["completion_tokens"]  # one logprob per generated token
 
 
 def test_chat_renders_the_template(client, local):
@@ -110,6 +113,11 @@ def test_chat_renders_the_template(client, local):
     assert r.usage.prompt_tokens == len(ids)
     streamed = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == r.choices[0].message.content
+    scored = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                            top_logprobs=2)
+    content = scored.choices[0].logprobs.content
+    assert len(content) == scored.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)  # greedy: the top token
 
 
 def test_echo_logprobs_are_the_prompt_scores(client, local):
@@ -155,6 +163,7 @@ def test_bad_requests_get_openai_errors_and_the_server_lives(server):
     error(httpx.post(url, json={"model": NAME, "prompt": "x", "n": 5}), 400, "n must be at most 4")
     error(httpx.post(url, json={"model": NAME, "prompt": "x", "max_tokens": -1}), 400, "greater than or equal")
     error(httpx.post(url, json={"model": NAME, "prompt": "x", "max_tokens": 10_000}), 400, "maximum context length")
+    error(httpx.post(url, json={"model": NAME, "prompt": [5] * 300, "max_tokens": None}), 400, "maximum context length")
     error(httpx.post(url, json={"model": NAME, "prompt": [1, 99999]}), 400, "outside the vocabulary")
     error(httpx.post(url, json={"model": NAME, "prompt": []}), 400, "empty")
     error(httpx.post(url, json={"model": NAME, "prompt": "x", "frequency_penalty": 1}), 400, "not supported")

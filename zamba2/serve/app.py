@@ -122,7 +122,7 @@ class Server:
         if bad is not None:
             raise APIError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
         if max_tokens is None:
-            max_tokens = self.context - len(ids)
+            max_tokens = max(self.context - len(ids), 0)
         if len(ids) + max_tokens > self.context:
             raise APIError(f"this model's maximum context length is {self.context} tokens, but {len(ids) + max_tokens} "
                            f"were requested ({len(ids)} in the prompt, {max_tokens} to generate)", param="max_tokens")
@@ -216,6 +216,7 @@ async def _parse(request: Request, schema: type[BaseModel]):
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         message = "the body is not valid JSON" if err["type"] == "json_invalid" else err["msg"]
+        message = message.removeprefix("Value error, ")  # pydantic's prefix for our own validators' messages
         raise APIError(f"{where}: {message}" if where else message, param=where or None) from None
 
 
