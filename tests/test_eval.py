@@ -2,6 +2,7 @@
 against the perplexity code, and against the server through lm-eval's own `local-completions` client."""
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -64,14 +65,14 @@ def test_perplexity_command(checkpoint, harness, tmp_path):
     data.write_text(json.dumps({"text": TEXT}) + "\n" + json.dumps({"text": "Short one."}) + "\n{broken\n")
     out = subprocess.run([sys.executable, "-m", "zamba2", "eval", "perplexity", "--model", str(checkpoint),
                           "--data", str(data), "--window", "32", "--stride", "8"], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=120)
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert out.returncode == 0, out.stderr
     r = perplexity(harness.model, harness.tok, [TEXT, "Short one."], window=32, stride=8)
     assert f"perplexity {r['perplexity']:.3f}" in out.stdout and "skipped 1 malformed" in out.stdout
     assert r["tokens"] == len(harness.tok.encode(TEXT)) + len(harness.tok.encode("Short one.")) - 2
     out = subprocess.run([sys.executable, "-m", "zamba2", "eval", "perplexity", "--model", str(checkpoint),
                           "--data", str(tmp_path / "missing.txt")], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=120)
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert out.returncode == 2 and "missing.txt" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -112,7 +113,7 @@ def test_harness_runs_the_bundled_tasks_end_to_end(checkpoint, tmp_path):
     out = subprocess.run([sys.executable, "-m", "zamba2", "eval", "lm-eval", "--model", str(checkpoint),
                           "--tasks", "zamba2_mc,zamba2_ppl,zamba2_qa", "--limit", "4",
                           "--output", str(tmp_path / "r.json")], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "", "HF_DATASETS_OFFLINE": "1"}, timeout=240)
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1"}, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "r.json").read_text())
     assert 0 <= results["zamba2_mc"]["acc,none"] <= 1 and results["zamba2_ppl"]["word_perplexity,none"] > 1

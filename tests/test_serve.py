@@ -2,6 +2,7 @@
 (completions, chat, streaming) and by raw HTTP for the error cases."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -62,7 +63,7 @@ def greedy_text(local, ids, n):
 
 def test_help_lists_serve_and_eval():
     out = subprocess.run([sys.executable, "-m", "zamba2", "--help"], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=60)
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert out.returncode == 0 and "serve" in out.stdout and "eval" in out.stdout
 
 
