@@ -63,6 +63,44 @@ def cmd_demo(args) -> None:
     demo(args.out, args.steps)
 
 
+def cmd_serve(args) -> None:
+    from .serve.app import Limits, serve
+
+    limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_n=args.max_n)
+    serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits)
+
+
+def cmd_eval_perplexity(args) -> None:
+    import torch
+
+    from . import load, load_tokenizer
+    from .data import read_documents
+    from .eval.perplexity import perplexity
+
+    model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    stats: dict = {}
+    r = perplexity(model, load_tokenizer(args.model), read_documents(args.data, args.text_key, stats), args.window,
+                   args.stride)
+    print(f"perplexity {r['perplexity']:.3f} ({r['nll_per_token']:.4f} nats/token) over {r['tokens']:,} tokens in "
+          f"{r['documents']:,} documents; window {r['window']}, stride {r['stride']}"
+          + (f"; skipped {stats['bad_lines']} malformed JSONL lines" if stats["bad_lines"] else ""))
+
+
+def cmd_eval_lm_eval(args) -> None:
+    import json
+
+    from lm_eval.utils import make_table
+
+    from .eval.harness import evaluate
+
+    results = evaluate(args.model, args.tasks.split(","), args.include_path, args.num_fewshot, args.limit,
+                       args.batch_size, args.dtype, args.device, args.max_length)
+    print(make_table(results))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results["results"], f, indent=2, default=str)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zamba2", description="Run, train and serve Zamba2 hybrid language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +143,42 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="phase-1 steps (overrides the config)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat) with continuous batching")
+    s.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: folder name)")
+    s.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    # batching limits
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503 (default 256)")
+    s.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt) accepted (default 16)")
+    s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("eval", help="perplexity, or lm-evaluation-harness tasks on the model")
+    esub = e.add_subparsers(dest="what", required=True)
+    ep = esub.add_parser("perplexity", help="sliding-window token perplexity of .txt / .jsonl documents")
+    ep.add_argument("--model", required=True, help="checkpoint folder")
+    ep.add_argument("--data", required=True, nargs="+", help=".txt files (one document each) or .jsonl files")
+    ep.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    ep.add_argument("--window", type=int, default=None, help="tokens per forward (default: the context length)")
+    ep.add_argument("--stride", type=int, default=None, help="tokens a window advances (default window / 2)")
+    ep.set_defaults(func=cmd_eval_perplexity)
+    el = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks with the `zamba2` model (offline tasks bundled)")
+    el.add_argument("--model", required=True, help="checkpoint folder")
+    el.add_argument("--tasks", required=True, help="comma-separated: zamba2_mc, zamba2_ppl, zamba2_qa or any lm-eval task")
+    el.add_argument("--include-path", default=None, help="a folder of your own task YAMLs")
+    el.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
+    el.add_argument("--limit", type=int, default=None, help="examples per task (for a quick check)")
+    el.add_argument("--batch-size", type=int, default=8, help="loglikelihood rows per forward (default 8)")
+    el.add_argument("--max-length", type=int, default=None, help="window for long inputs (default: the context length)")
+    el.add_argument("--output", default=None, help="write the results as JSON here")
+    el.set_defaults(func=cmd_eval_lm_eval)
+    for q in (ep, el):
+        q.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
+        q.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     return p
 
 

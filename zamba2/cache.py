@@ -17,6 +17,7 @@ Multi-token continuation is supported: a forward with a warm cache starts the ch
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Config
@@ -81,6 +82,41 @@ class HybridCache:
         self.valid = self.valid.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self.batch_size = len(index)
+
+    def append(self, other: "HybridCache") -> None:
+        """Add the rows of `other` to this batch (continuous batching: a request joins the running batch).
+
+        Used KV slots are right-aligned: the cache with fewer slots gets empty (invalid) slots on its
+        left, which attention masks out. RoPE positions and SSM/conv state are per row, so every row
+        continues exactly as it would alone.
+        """
+        n = max(self.length, other.length)
+        cap = max(self.capacity, other.capacity, n)
+
+        def aligned(t: Tensor, length: int) -> Tensor:  # [b, kv, cap, hd] -> [b, kv, cap', hd], used slots end at n
+            return F.pad(t[:, :, :length], (0, 0, n - length, cap - n))
+
+        self.keys = {i: torch.cat([aligned(self.keys[i], self.length), aligned(other.keys[i], other.length)])
+                     for i in self.keys}
+        self.values = {i: torch.cat([aligned(self.values[i], self.length), aligned(other.values[i], other.length)])
+                       for i in self.values}
+        self.valid = torch.cat([F.pad(self.valid[:, :self.length], (n - self.length, cap - n)),
+                                F.pad(other.valid[:, :other.length], (n - other.length, cap - n))])
+        self.conv = [torch.cat(pair) for pair in zip(self.conv, other.conv)]
+        self.ssm = [torch.cat(pair) for pair in zip(self.ssm, other.ssm)]
+        self.positions = torch.cat([self.positions, other.positions])
+        self.batch_size += other.batch_size
+        self.length = n
+
+    def trim(self) -> None:
+        """Drop the leading KV slots that no row uses (left behind when long rows leave the batch)."""
+        used = self.valid[:, :self.length].any(0)
+        first = int(used.int().argmax()) if bool(used.any()) else self.length
+        if first:
+            self.keys = {i: t[:, :, first:] for i, t in self.keys.items()}
+            self.values = {i: t[:, :, first:] for i, t in self.values.items()}
+            self.valid = self.valid[:, first:]
+            self.length -= first
 
     def reset(self) -> None:
         for t in self.conv + self.ssm:

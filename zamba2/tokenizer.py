@@ -56,6 +56,17 @@ class Tokenizer:
             return self._sp.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=skip_special)
 
+    def piece(self, token: int) -> str:
+        """The vocabulary entry of one id, as stored (SentencePiece's "▁" word marker included)."""
+        return self._sp.id_to_piece(int(token)) if self._sp is not None else self._hf.id_to_token(int(token))
+
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a vocabulary entry (e.g. "</s>"), or None when the vocabulary lacks it."""
+        if self._sp is not None:
+            i = self._sp.piece_to_id(piece)
+            return i if self._sp.id_to_piece(i) == piece else None  # unknown pieces map to <unk>
+        return self._hf.token_to_id(piece)
+
     def stream_decoder(self):
         """A function fed token ids one at a time that returns the new text each adds.
 

@@ -1,0 +1,42 @@
+"""A real `zamba2 serve` process on a free loopback port, for the server and evaluation tests."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder, name, *flags):
+    """Start `zamba2 serve` on `folder` and wait until /health answers; returns (process, base url)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it while the server runs
+    proc = subprocess.Popen([sys.executable, "-m", "zamba2", "serve", "--model", str(folder), "--port", str(port),
+                             "--served-model-name", name, *flags], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"the server exited: {log.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not come up in 60 s")
