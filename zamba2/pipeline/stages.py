@@ -194,6 +194,7 @@ def dedup_corpus(cfg: PipelineConfig, shards: list[dict], executor) -> dict:
     within = np.zeros(n, dtype=bool)
     within[~keep] = removal_kinds(labels, keep, source)
 
+    np.save(folder / "clusters.npy", labels)  # smallest member of each document's cluster, in shard order
     bounds = np.r_[0, np.cumsum(counts)]
     for s, lo, hi in zip(shards, bounds[:-1], bounds[1:]):
         (folder / s["source"]).mkdir(exist_ok=True)
