@@ -48,10 +48,42 @@ def _open_binary(path: str, compression: str | None):
     if compression == "gz":
         return gzip.open(path, "rb")
     if compression == "zst":
+        return io.BufferedReader(_ZstdReader(path), 1 << 20)
+    return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a .zst file of one or more frames, and, unlike zstandard's stream_reader, says so
+    when the file ends inside a frame (a truncated download) instead of returning a short text."""
+
+    def __init__(self, path: str):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-    return open(path, "rb")
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._file, self._dec, self._buf, self._fed = open(path, "rb"), self._new(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, out) -> int:
+        while not self._buf:
+            rest = b""
+            if self._dec.eof:  # a frame ended: what follows it is the next frame
+                rest, self._dec, self._fed = self._dec.unused_data, self._new(), False
+            chunk = rest or self._file.read(1 << 20)
+            if not chunk:
+                if self._fed:
+                    raise EOFError("the compressed stream ends inside a frame")
+                return 0
+            self._fed = True
+            self._buf = self._dec.decompress(chunk)
+        n = min(len(out), len(self._buf))
+        out[:n], self._buf = self._buf[:n], self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def records(path: str, text_key: str = "text", stats: dict | None = None) -> Iterator[str | None]:

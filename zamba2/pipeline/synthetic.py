@@ -36,7 +36,8 @@ class Generator:
         letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
         p = 1 / np.arange(1, 27) ** 0.8
         lengths = self.rng.integers(2, 10, size=vocab)
-        self.words = np.array(["".join(self.rng.choice(letters, size=n, p=p / p.sum())) for n in lengths])
+        chars = letters[self.rng.choice(26, size=(vocab, 9), p=p / p.sum())]
+        self.words = np.array(["".join(row[:n]) for row, n in zip(chars, lengths)])
         zipf = np.cumsum(1 / np.arange(1, vocab + 1) ** 1.05)
         self.cdf = zipf / zipf[-1]
         self.boilerplate = [self.paragraph(40) for _ in range(5)]
