@@ -59,3 +59,13 @@ def tiny_classifier():
     from zamba2.pipeline import HashedLogistic
 
     return HashedLogistic(["Low", "High"]).fit(["good text here"] * 2 + ["spam spam"] * 2, ["High"] * 2 + ["Low"] * 2)
+
+
+def token_files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("shard-*"))}
+
+
+def counts(report) -> dict:
+    """A report's per-source lines without the timings."""
+    return {s: {st: {k: v for k, v in line.items() if k != "seconds"} for st, line in stages.items()}
+            for s, stages in report["sources"].items()}

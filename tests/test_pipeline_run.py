@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline_helpers import write_sources
+from pipeline_helpers import counts, token_files, write_sources
 
 from zamba2.data import TokenData
 from zamba2.pipeline import ClassifyConfig, HashedLogistic, PipelineConfig, load_classifier, run
@@ -48,10 +48,6 @@ def config(inputs, name, **over):
          "stages": ["normalize", "filter", "dedup", "classify", "tokenize"], "count_tokens": True,
          "classify": {"model": str(root / "quality.npz"), "keep_labels": ["High"], "sources": ["s1"]}}
     return PipelineConfig.from_dict(d | over)
-
-
-def token_files(folder):
-    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("shard-*"))}
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +132,6 @@ def test_process_executor_matches_serial(inputs, serial_run):
     report = run(cfg, verbose=False)
     assert token_files(cfg.out) == token_files(serial_run[0].out)
     assert counts(report) == counts(serial_run[1])
-
-
-def counts(report):
-    """The report without timings."""
-    return {s: {st: {k: v for k, v in line.items() if k != "seconds"} for st, line in stages.items()}
-            for s, stages in report["sources"].items()}
 
 
 def test_command_line(inputs, tmp_path):
