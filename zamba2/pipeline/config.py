@@ -38,6 +38,7 @@ from .filters import FilterConfig
 from .minhash import PRESETS, MinHashParams
 
 STAGES = ("normalize", "filter", "dedup", "classify", "tokenize")
+VERIFY_JACCARD = {"zyda1": 0.4, "zyda2": 0.85}  # the Jaccard each paper quotes for its LSH setting
 EXECUTORS = ("serial", "processes", "ray")
 
 
@@ -56,7 +57,7 @@ class DedupConfig:
     exact: bool = True              # exact-text hash pass (cheap)
     near: bool = True               # MinHash LSH pass
     verify: bool = False            # keep only candidate pairs whose exact shingle Jaccard >= threshold
-    threshold: float | None = None  # default: the preset's (1/bands)^(1/rows)
+    threshold: float | None = None  # default: the preset's quoted Jaccard, or (1/bands)^(1/rows) if overridden
     ranking: list[str] = field(default_factory=list)   # sources, best first (default: declaration order)
     minhash: dict = field(default_factory=dict)        # overrides of MinHashParams fields (ngram, n, bands, ...)
 
@@ -77,7 +78,9 @@ class DedupConfig:
 
     @property
     def jaccard_threshold(self) -> float:
-        return self.threshold if self.threshold is not None else self.params.threshold
+        if self.threshold is not None:
+            return self.threshold
+        return self.params.threshold if self.minhash else VERIFY_JACCARD[self.preset]
 
 
 @dataclass

@@ -54,6 +54,7 @@ _WORD_SPLIT = re.compile(r"[\s\-/\\.]+")        # Zyda-1 splits words on whitesp
 _NON_ALNUM = re.compile(r"[^\w\s]")
 _DIGIT = re.compile(r"\d")
 _REPEATED = re.compile(r"(\w)\1{6,}")
+_TOKEN = re.compile(r"\w+")
 
 
 def load_wordlist(path: str | Path | None, name: str) -> list[str]:
@@ -70,9 +71,16 @@ def load_wordlist(path: str | Path | None, name: str) -> list[str]:
     return [e for e in entries if e.strip()]
 
 
-def _matcher(words: list[str], kind: str) -> re.Pattern:
-    alts = "|".join(re.escape(w.lower()) for w in sorted(words, key=len, reverse=True))  # longest first
-    return re.compile(rf"\b(?:{alts})\b" if kind == "words" else f"(?:{alts})")
+def _matcher(entries: list[str], kind: str):
+    """A function counting the entries' hits in lowercased text. Lists of single words are counted
+    by set membership over the text's words, which is several times faster than a regex alternation."""
+    entries = [e.lower() for e in entries]
+    if kind == "words" and all(_TOKEN.fullmatch(e) for e in entries):
+        vocab = frozenset(entries)
+        return lambda words, text: sum(map(vocab.__contains__, words))
+    alts = "|".join(re.escape(e) for e in sorted(entries, key=len, reverse=True))  # longest first
+    pattern = re.compile(rf"\b(?:{alts})\b" if kind == "words" else f"(?:{alts})")
+    return lambda words, text: len(pattern.findall(text))
 
 
 @dataclass
@@ -110,7 +118,8 @@ class Filter:
     def features(self, raw: str, text: str) -> dict[str, float]:
         """Feature values for the enabled rules. `raw` is the input, `text` the normalized text."""
         out, n = {}, max(len(raw), 1)
-        lowered = None
+        lowered = words = None
+        hits: dict[str, int] = {}
         for rule in self.rules.values():
             f = rule.feature
             if f in out:
@@ -118,8 +127,9 @@ class Filter:
             if f == "chars":
                 out[f] = len(text)
             elif f == "mean_word_length":
-                words = [w for w in _WORD_SPLIT.split(raw) if w]
-                out[f] = sum(map(len, words)) / len(words) if words else 0.0
+                parts = _WORD_SPLIT.split(raw)
+                count = len(parts) - parts.count("")
+                out[f] = len("".join(parts)) / count if count else 0.0
             elif f == "non_alnum_fraction":
                 out[f] = len(_NON_ALNUM.findall(raw)) / n
             elif f == "digit_fraction":
@@ -130,10 +140,13 @@ class Filter:
                 kind, arg = f.split(":", 1)
                 if kind in ("count", "per_char"):
                     out[f] = raw.count(arg) / (n if kind == "per_char" else 1)
-                else:  # words, words_per_char
-                    lowered = lowered if lowered is not None else raw.lower()
-                    hits = len(self.matchers[arg].findall(lowered))
-                    out[f] = hits / (n if kind == "words_per_char" else 1)
+                    continue
+                if arg not in hits:  # words, words_per_char: one count per list
+                    if lowered is None:
+                        lowered = raw.lower()
+                        words = _TOKEN.findall(lowered)
+                    hits[arg] = self.matchers[arg](words, lowered)
+                out[f] = hits[arg] / (n if kind == "words_per_char" else 1)
         return out
 
     def fired(self, raw: str, text: str) -> list[str]:
