@@ -11,7 +11,8 @@ apply the same trick twice: code points -> word hashes -> n-gram hashes. A murmu
 breaks the linearity before a hash is used again.
 
 Permutation i is Dietzfelbinger's multiply-add-shift h_i(x) = ((a_i x + b_i) mod 2^64) >> 32 on the
-32-bit shingle hash x, a 2-universal family (datasketch uses (a x + b) mod (2^61 - 1)). The shift is
+32-bit shingle hash x, a 2-universal family. (datasketch 2.0's default "affine32" scheme is
+(a x + b) mod 2^32 after a murmur mix; its "legacy" one (a x + b) mod (2^61 - 1).) The shift is
 monotone, so the min is taken on the 64-bit values and shifted once per document.
 
 Shapes: S shingles in a batch, P permutations, D documents, R rows per band, K bands.
@@ -83,8 +84,8 @@ class _Powers:
     def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if n > len(self.pow):
             size = max(n, 2 * len(self.pow), 1 << 16)
-            self.pow = np.cumprod(np.r_[1, np.full(size - 1, self.base)].astype(np.uint64))
-            self.ipow = np.cumprod(np.r_[1, np.full(size - 1, self.inv)].astype(np.uint64))
+            self.pow, self.ipow = (np.cumprod(np.r_[np.ones(1, np.uint64), np.full(size - 1, b, np.uint64)])
+                                   for b in (self.base, self.inv))
         return self.pow[:n], self.ipow[:n]
 
 

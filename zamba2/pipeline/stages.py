@@ -183,7 +183,7 @@ def dedup_corpus(cfg: PipelineConfig, shards: list[dict], executor) -> dict:
 
     exact = pairs.get(0, np.zeros((2, 0), dtype=np.int64))
     near = np.concatenate([pairs[r] for r in rows if r] or [np.zeros((2, 0), dtype=np.int64)], axis=1)
-    near = np.unique(near, axis=1) if near.shape[1] else near
+    near = np.stack(np.divmod(np.unique(near[0] * n + near[1]), n)) if near.shape[1] else near  # drop repeats
     candidates, rejected = near.shape[1], 0
     if cfg.dedup.verify and candidates:
         ok = _verify(cfg, shards, counts, near)
