@@ -33,6 +33,7 @@ from .normalize import normalize
 from .read import chunks
 
 _CACHE: dict = {}  # per process: tokenizers and classifiers, loaded once
+SKETCH_BATCH = 2000  # documents hashed together
 
 
 def write_json(path: Path, obj) -> None:
@@ -143,9 +144,13 @@ def sketch(texts: list[str], hasher: MinHasher | None) -> np.ndarray:
                       for t in texts], dtype=np.uint64)
     if hasher is None:
         return exact[None, :]
-    hashes, counts = batch_shingle_hashes(texts, hasher.params)
-    keys = band_keys(hasher.from_hashes(hashes, counts), hasher.params.bands, hasher.params.rows)
-    empty = counts == 0  # no shingles: only the exact hash can match them to anything
+    sigs, counts = [], []
+    for i in range(0, len(texts), SKETCH_BATCH):  # batches bound the hashing temporaries (~20 B per character)
+        hashes, c = batch_shingle_hashes(texts[i:i + SKETCH_BATCH], hasher.params)
+        sigs.append(hasher.from_hashes(hashes, c)), counts.append(c)
+    sig = np.concatenate(sigs) if sigs else np.zeros((0, hasher.params.num_perm), dtype=np.uint32)
+    keys = band_keys(sig, hasher.params.bands, hasher.params.rows)
+    empty = np.concatenate(counts or [np.zeros(0, dtype=np.int64)]) == 0  # no shingles: only the exact hash
     keys[:, empty] = fmix64(exact[empty][None, :] + np.arange(1, len(keys) + 1, dtype=np.uint64)[:, None])
     return np.concatenate([exact[None, :], keys])
 
