@@ -1,6 +1,6 @@
 """Data pipeline benchmark: documents/s per stage, MinHash against datasketch, and a filter + dedup run.
 
-    python bench/pipeline.py                       # 20k documents, a few minutes on 2 cores
+    PYTHONPATH=. python bench/pipeline.py          # 20k documents, a few minutes on 2 cores (or pip install -e .)
     python bench/pipeline.py --docs 1000000        # the 1M-document run (corpus cached in --corpus)
 
 1. Per stage, in this process on one core: read (JSONL.zst), normalize, filter, MinHash (zyda1, zyda2),
@@ -19,21 +19,18 @@ import hashlib
 import json
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from zamba2.pipeline import PRESETS, Filter, MinHasher, PipelineConfig, run  # noqa: E402
-from zamba2.pipeline.dedup import components, star_edges  # noqa: E402
-from zamba2.pipeline.minhash import estimate_jaccard, shingle_strings  # noqa: E402
-from zamba2.pipeline.normalize import normalize  # noqa: E402
-from zamba2.pipeline.read import records  # noqa: E402
-from zamba2.pipeline.stages import sketch  # noqa: E402
-from zamba2.pipeline.synthetic import Generator, pair_scores  # noqa: E402
+from zamba2.pipeline import PRESETS, Filter, MinHasher, PipelineConfig, run
+from zamba2.pipeline.dedup import components, star_edges
+from zamba2.pipeline.minhash import estimate_jaccard, shingle_strings
+from zamba2.pipeline.normalize import normalize
+from zamba2.pipeline.read import records
+from zamba2.pipeline.stages import sketch
+from zamba2.pipeline.synthetic import Generator, pair_scores
 
 SOURCES = 3
 

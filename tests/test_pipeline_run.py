@@ -148,6 +148,9 @@ def test_command_line(inputs, tmp_path):
     assert TokenData(tmp_path / "data").meta["docs"] > 0
     out = cli("filter", sources[0]["paths"][0], "--out", str(tmp_path / "f"))
     assert out.returncode == 0 and list((tmp_path / "f" / "input").glob("*.jsonl.zst"))
+    out = cli("classify", str(tmp_path / "f/input/*.jsonl.zst"), "--out", str(tmp_path / "c"),
+              "--model", str(root / "quality.npz"), "--keep-labels", "High")
+    assert out.returncode == 0 and "classify" in out.stdout, out.stderr
     toml.write_text("stages = ['filter', 'sort']\n[[source]]\nname = 'a'\npaths = ['x.jsonl']\n")
     out = cli("run", str(toml))
     assert out.returncode == 2 and "unknown stage(s) ['sort']" in out.stderr and "Traceback" not in out.stderr

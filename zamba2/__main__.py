@@ -69,12 +69,15 @@ def cmd_data(args) -> None:
             if not sep or not name or not pattern:
                 raise ValueError(f"--source takes NAME=GLOB, not {spec!r}")
             sources.append({"name": name, "paths": [pattern]})
-        stages = {"filter": ["normalize", "filter"], "dedup": ["dedup"], "tokenize": ["tokenize"]}[args.data_command]
+        stages = {"filter": ["normalize", "filter"], "dedup": ["dedup"], "classify": ["classify"],
+                  "tokenize": ["tokenize"]}[args.data_command]
         d = {"source": sources, "stages": stages, "out": args.out, "work": args.work or f"{args.out.rstrip('/')}.work",
              "executor": args.executor or "serial", "workers": args.workers or 0, "shard_docs": args.shard_docs}
         if args.data_command == "dedup":
             d["dedup"] = {"preset": args.preset, "mode": args.mode, "verify": args.verify,
                           "exact": not args.no_exact, "near": not args.no_near}
+        if args.data_command == "classify":
+            d["classify"] = {"model": args.model, "keep_labels": args.keep_labels or [], "min_score": args.min_score}
         if args.data_command == "tokenize":
             d["tokenize"] = {"tokenizer": args.tokenizer}
         cfg = PipelineConfig.from_dict(d)
@@ -130,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=None, help="processes / Ray CPUs (overrides the file)")
     for name, text in (("filter", "normalize and apply the Zyda-1 heuristic filters; writes .jsonl.zst"),
                        ("dedup", "exact + MinHash-LSH fuzzy dedup across sources; writes .jsonl.zst"),
+                       ("classify", "keep documents by a quality classifier's label or score; writes .jsonl.zst"),
                        ("tokenize", "tokenize into token shards for `zamba2 train`")):
         s_ = dsub.add_parser(name, help=text)
         s_.add_argument("inputs", nargs="*", help="input files or globs (.jsonl/.parquet/.txt, optionally .gz/.zst)")
@@ -149,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
             s_.add_argument("--verify", action="store_true", help="check candidate pairs by exact Jaccard")
             s_.add_argument("--no-exact", action="store_true", help="skip the exact-hash pass")
             s_.add_argument("--no-near", action="store_true", help="skip the MinHash pass")
+        if name == "classify":
+            s_.add_argument("--model", required=True, help="a HashedLogistic .npz or module:factory")
+            s_.add_argument("--keep-labels", nargs="+", default=None, help="labels to keep, e.g. High")
+            s_.add_argument("--min-score", type=float, default=None, help="keep documents scoring at least this")
         if name == "tokenize":
             s_.add_argument("--tokenizer", default=None, help="tokenizer.json / .model (default Mistral v0.1)")
     da.set_defaults(func=cmd_data)
