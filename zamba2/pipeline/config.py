@@ -49,6 +49,12 @@ class Source:
     text_key: str = "text"          # JSONL field / Parquet column holding the text
     filter: bool = True             # Zyda-1 did not filter StarCoder (code breaks the prose heuristics)
 
+    def __post_init__(self):
+        if isinstance(self.paths, str):
+            self.paths = [self.paths]
+        if not self.paths or not all(isinstance(p, str) for p in self.paths):
+            raise ValueError(f"source {self.name!r}: paths must be a list of files or globs")
+
 
 @dataclass
 class DedupConfig:
@@ -140,16 +146,16 @@ class PipelineConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown pipeline key(s) {sorted(unknown)}; known: {sorted(known)}")
+        sources = [_build(Source, "[[source]]", s) for s in d.pop("source", d.pop("sources", []))]
+        filt = FilterConfig.from_dict(d.pop("filter", {}))
+        dedup = _build(DedupConfig, "[dedup]", d.pop("dedup", {}))
+        classify = d.pop("classify", None)
+        classify = _build(ClassifyConfig, "[classify]", classify) if classify is not None else None
+        tokenize = _build(TokenizeConfig, "[tokenize]", d.pop("tokenize", {}))
         try:
-            sources = [Source(**s) for s in d.pop("source", d.pop("sources", []))]
-            filt = FilterConfig.from_dict(d.pop("filter", {}))
-            dedup = DedupConfig(**d.pop("dedup", {}))
-            classify = d.pop("classify", None)
-            classify = ClassifyConfig(**classify) if classify is not None else None
-            tokenize = TokenizeConfig(**d.pop("tokenize", {}))
-        except TypeError as e:  # an unknown or missing key in a table
+            return cls(sources=sources, filter=filt, dedup=dedup, classify=classify, tokenize=tokenize, **d)
+        except TypeError as e:  # a value of the wrong type
             raise ValueError(f"pipeline config: {e}") from None
-        return cls(sources=sources, filter=filt, dedup=dedup, classify=classify, tokenize=tokenize, **d)
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "PipelineConfig":
@@ -187,3 +193,15 @@ class PipelineConfig:
         for key in ("executor", "workers", "ray_address"):
             d.pop(key)
         return d
+
+
+def _build(cls, table: str, d: dict):
+    """cls(**d), with unknown or missing keys reported by table name."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"{table}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    try:
+        return cls(**d)
+    except TypeError as e:  # a required key is missing
+        raise ValueError(f"{table}: {e}") from None
