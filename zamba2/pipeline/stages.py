@@ -28,7 +28,7 @@ import numpy as np
 from .config import PipelineConfig, Source
 from .dedup import components, removal_kinds, star_edges, survivors
 from .filters import Filter
-from .minhash import MinHasher, band_keys, batch_shingle_hashes, exact_jaccard, fmix64
+from .minhash import MinHasher, band_keys, batch_shingle_hashes, fmix64
 from .normalize import normalize
 from .read import chunks
 
@@ -191,7 +191,7 @@ def dedup_corpus(cfg: PipelineConfig, shards: list[dict], executor) -> dict:
     near = np.stack(np.divmod(np.unique(near[0] * n + near[1]), n)) if near.shape[1] else near  # drop repeats
     candidates, rejected = near.shape[1], 0
     if cfg.dedup.verify and candidates:
-        ok = _verify(cfg, shards, counts, near)
+        ok = _verify(cfg, shards, counts, near, executor)
         near, rejected = near[:, ok], int((~ok).sum())
     keep_exact = survivors(components(n, *exact), rank, cfg.dedup.mode)
     labels = components(n, *np.concatenate([exact, near], axis=1))
@@ -221,23 +221,82 @@ def dedup_corpus(cfg: PipelineConfig, shards: list[dict], executor) -> dict:
     return stats
 
 
-def _verify(cfg: PipelineConfig, shards: list[dict], counts: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Exact shingle Jaccard >= threshold, per candidate pair (drops LSH false positives)."""
+def _verify(cfg: PipelineConfig, shards: list[dict], counts: np.ndarray, pairs: np.ndarray, executor) -> np.ndarray:
+    """Exact shingle Jaccard >= threshold, per candidate pair (drops LSH false positives).
+
+    In two rounds of tasks, so that no process holds more than two shards' worth of shingles: each
+    shard writes the sorted shingle sets of its documents that appear in a pair, then each block of
+    pairs between two shards compares them (memory-mapped).
+    """
+    folder = Path(cfg.work) / "dedup" / "verify"
+    folder.mkdir(exist_ok=True)
+    bounds = np.r_[0, np.cumsum(counts)]
+    shard_of = np.searchsorted(bounds, pairs, side="right") - 1                  # [2, E]
+    needed = np.unique(pairs)
+    tasks = []
+    for k, s in enumerate(shards):
+        mine = needed[(needed >= bounds[k]) & (needed < bounds[k + 1])]
+        if len(mine):
+            np.save(folder / f"need-{k:05d}.npy", mine - bounds[k])
+            tasks.append({"config": cfg.to_dict(), "source": s["source"], "shard": s["shard"],
+                          "need": str(folder / f"need-{k:05d}.npy"), "out": str(folder / f"shingles-{k:05d}")})
+    list(executor.map(shard_shingles, tasks, "verify: shingles"))
+    block = shard_of[0] * len(shards) + shard_of[1]
+    order = np.argsort(block, kind="stable")
+    starts = np.flatnonzero(np.r_[True, block[order][1:] != block[order][:-1]])
+    tasks = []
+    for lo, hi in zip(starts, np.r_[starts[1:], len(order)]):
+        a, b = shard_of[:, order[lo]]
+        name = folder / f"pairs-{a:05d}-{b:05d}.npy"
+        np.save(name, pairs[:, order[lo:hi]] - bounds[[a, b]][:, None])
+        tasks.append({"pairs": str(name), "a": str(folder / f"shingles-{a:05d}"),
+                      "b": str(folder / f"shingles-{b:05d}"), "threshold": cfg.dedup.jaccard_threshold})
+    list(executor.map(verify_pairs, tasks, "verify: pairs"))
+    ok = np.zeros(pairs.shape[1], dtype=bool)
+    for t, lo, hi in zip(tasks, starts, np.r_[starts[1:], len(order)]):
+        ok[order[lo:hi]] = np.load(t["pairs"].replace(".npy", ".ok.npy"))
+    shutil.rmtree(folder)
+    return ok
+
+
+def shard_shingles(task: dict) -> dict:
+    """The sorted, unique shingle hashes of the needed documents of one shard: OUT.npy (concatenated)
+    and OUT.index.npy (document, start, end)."""
     import pyarrow.parquet as pq
 
-    params = cfg.dedup.params
-    bounds = np.r_[0, np.cumsum(counts)]
-    needed = np.unique(pairs)
-    shingles = {}
-    for s, lo, hi in zip(shards, bounds[:-1], bounds[1:]):
-        mine = needed[(needed >= lo) & (needed < hi)]
-        if len(mine):
-            texts = pq.read_table(Path(cfg.work) / "prep" / s["source"] / f"{s['shard']}.parquet",
-                                  columns=["text"])["text"].to_pylist()
-            hashes, c = batch_shingle_hashes([texts[i - lo] for i in mine], params)
-            shingles.update(zip(mine.tolist(), np.split(hashes, np.cumsum(c)[:-1])))
-    return np.array([exact_jaccard(shingles[a], shingles[b]) >= cfg.dedup.jaccard_threshold
-                     for a, b in pairs.T.tolist()], dtype=bool)
+    cfg = PipelineConfig.from_dict(task["config"])
+    out = Path(task["out"])
+    need = np.load(task["need"]).tolist()
+    texts = pq.read_table(Path(cfg.work) / "prep" / task["source"] / f"{task['shard']}.parquet",
+                          columns=["text"])["text"].to_pylist()
+    sets, index, at = [], [], 0
+    for i in range(0, len(need), SKETCH_BATCH):
+        hashes, c = batch_shingle_hashes([texts[d] for d in need[i:i + SKETCH_BATCH]], cfg.dedup.params)
+        for d, h in zip(need[i:i + SKETCH_BATCH], np.split(hashes, np.cumsum(c)[:-1])):
+            h = np.unique(h)
+            sets.append(h), index.append((d, at, at + len(h)))
+            at += len(h)
+    np.save(f"{out}.npy", np.concatenate(sets))
+    np.save(f"{out}.index.npy", np.array(index, dtype=np.int64))
+    return {"docs": len(need)}
+
+
+def verify_pairs(task: dict) -> dict:
+    """Exact Jaccard of one block of pairs between two shards (local document indices)."""
+    def load(path: str):
+        index = np.load(f"{path}.index.npy")
+        return np.load(f"{path}.npy", mmap_mode="r"), dict(zip(index[:, 0].tolist(), index[:, 1:].tolist()))
+
+    (sa, ia), (sb, ib) = load(task["a"]), load(task["b"])
+    pairs = np.load(task["pairs"])
+    ok = np.empty(pairs.shape[1], dtype=bool)
+    for k, (u, v) in enumerate(pairs.T.tolist()):
+        a, b = sa[slice(*ia[u])], sb[slice(*ib[v])]
+        both = len(np.intersect1d(a, b, assume_unique=True))
+        union = len(a) + len(b) - both
+        ok[k] = (both / union if union else 1.0) >= task["threshold"]
+    np.save(task["pairs"].replace(".npy", ".ok.npy"), ok)
+    return {"pairs": len(ok)}
 
 
 # ---------------------------------------------------------------- 3. select, classify, tokenize
