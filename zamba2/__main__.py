@@ -101,6 +101,33 @@ def cmd_eval_lm_eval(args) -> None:
             json.dump(results["results"], f, indent=2, default=str)
 
 
+def cmd_data(args) -> None:
+    from .pipeline import PipelineConfig, run
+
+    if args.data_command == "run":
+        cfg = PipelineConfig.from_toml(args.pipeline, executor=args.executor, workers=args.workers)
+    else:  # one stage on its own, over the sources given on the command line
+        sources = [{"name": "input", "paths": args.inputs}] if args.inputs else []
+        for spec in args.source or []:
+            name, sep, pattern = spec.partition("=")
+            if not sep or not name or not pattern:
+                raise ValueError(f"--source takes NAME=GLOB, not {spec!r}")
+            sources.append({"name": name, "paths": [pattern]})
+        stages = {"filter": ["normalize", "filter"], "dedup": ["dedup"], "classify": ["classify"],
+                  "tokenize": ["tokenize"]}[args.data_command]
+        d = {"source": sources, "stages": stages, "out": args.out, "work": args.work or f"{args.out.rstrip('/')}.work",
+             "executor": args.executor or "serial", "workers": args.workers or 0, "shard_docs": args.shard_docs}
+        if args.data_command == "dedup":
+            d["dedup"] = {"preset": args.preset, "mode": args.mode, "verify": args.verify,
+                          "exact": not args.no_exact, "near": not args.no_near}
+        if args.data_command == "classify":
+            d["classify"] = {"model": args.model, "keep_labels": args.keep_labels or [], "min_score": args.min_score}
+        if args.data_command == "tokenize":
+            d["tokenize"] = {"tokenizer": args.tokenizer}
+        cfg = PipelineConfig.from_dict(d)
+    run(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zamba2", description="Run, train and serve Zamba2 hybrid language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -179,6 +206,42 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (ep, el):
         q.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
         q.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+
+    da = sub.add_parser("data", help="the Zyda-style data pipeline: filter, deduplicate, classify, tokenize")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    r = dsub.add_parser("run", help="run (or resume) the stages declared in a pipeline TOML")
+    r.add_argument("pipeline", help="pipeline.toml (see zamba2/pipeline/config.py)")
+    r.add_argument("--executor", choices=("serial", "processes", "ray"), default=None, help="overrides the file")
+    r.add_argument("--workers", type=int, default=None, help="processes / Ray CPUs (overrides the file)")
+    for name, text in (("filter", "normalize and apply the Zyda-1 heuristic filters; writes .jsonl.zst"),
+                       ("dedup", "exact + MinHash-LSH fuzzy dedup across sources; writes .jsonl.zst"),
+                       ("classify", "keep documents by a quality classifier's label or score; writes .jsonl.zst"),
+                       ("tokenize", "tokenize into token shards for `zamba2 train`")):
+        s_ = dsub.add_parser(name, help=text)
+        s_.add_argument("inputs", nargs="*", help="input files or globs (.jsonl/.parquet/.txt, optionally .gz/.zst)")
+        s_.add_argument("--source", action="append", metavar="NAME=GLOB",
+                        help="a named source (repeatable; for dedup, best-ranked first)")
+        s_.add_argument("--out", required=True, help="output folder")
+        s_.add_argument("--work", default=None, help="work folder for shards and resume (default OUT.work)")
+        s_.add_argument("--executor", choices=("serial", "processes", "ray"), default=None,
+                        help="where tasks run (default serial)")
+        s_.add_argument("--workers", type=int, default=None, help="processes / Ray CPUs (default all cores)")
+        s_.add_argument("--shard-docs", type=int, default=50_000, help="documents per work shard (default 50000)")
+        if name == "dedup":
+            s_.add_argument("--preset", choices=("zyda1", "zyda2"), default="zyda1",
+                            help="zyda1: word 13-grams, 32x4 bands; zyda2: char 25-grams, 8x16 bands")
+            s_.add_argument("--mode", choices=("all", "cross-source-only"), default="all",
+                            help="remove all duplicates, or only those across sources (Zyda-2)")
+            s_.add_argument("--verify", action="store_true", help="check candidate pairs by exact Jaccard")
+            s_.add_argument("--no-exact", action="store_true", help="skip the exact-hash pass")
+            s_.add_argument("--no-near", action="store_true", help="skip the MinHash pass")
+        if name == "classify":
+            s_.add_argument("--model", required=True, help="a HashedLogistic .npz or module:factory")
+            s_.add_argument("--keep-labels", nargs="+", default=None, help="labels to keep, e.g. High")
+            s_.add_argument("--min-score", type=float, default=None, help="keep documents scoring at least this")
+        if name == "tokenize":
+            s_.add_argument("--tokenizer", default=None, help="tokenizer.json / .model (default Mistral v0.1)")
+    da.set_defaults(func=cmd_data)
     return p
 
 
