@@ -67,7 +67,7 @@ def cmd_serve(args) -> None:
     from .serve.app import Limits, serve
 
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_n=args.max_n)
-    serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits)
+    serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits, args.int8)
 
 
 def cmd_eval_perplexity(args) -> None:
@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: folder name)")
     s.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    s.add_argument("--int8", action="store_true", help="int8 weight-only matmuls on CPU (about 2x faster decode)")
     # batching limits
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503 (default 256)")

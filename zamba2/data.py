@@ -23,6 +23,15 @@ from .tokenizer import Tokenizer
 IGNORE = -100
 
 
+def jsonl_text(line: str, text_key: str) -> str | None:
+    """The text of one JSONL line; None when the line is malformed (bad JSON, missing or non-string text)."""
+    try:
+        text = json.loads(line)[text_key]
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+        return None
+    return text if isinstance(text, str) else None
+
+
 def read_documents(paths: Iterable[str | Path], text_key: str = "text", stats: dict | None = None) -> Iterator[str]:
     """Documents from .txt files (one per file) and .jsonl files (one per line, under `text_key`).
 
@@ -38,11 +47,8 @@ def read_documents(paths: Iterable[str | Path], text_key: str = "text", stats: d
                 for line in f:
                     if not line.strip():
                         continue
-                    try:
-                        text = json.loads(line)[text_key]
-                        if not isinstance(text, str):
-                            raise TypeError
-                    except (json.JSONDecodeError, KeyError, TypeError):
+                    text = jsonl_text(line, text_key)
+                    if text is None:
                         stats["bad_lines"] += 1
                         continue
                     yield text

@@ -11,9 +11,10 @@ from __future__ import annotations
 import glob
 import gzip
 import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
+
+from ..data import jsonl_text
 
 FORMATS = (".jsonl", ".json", ".parquet", ".txt")
 
@@ -102,14 +103,9 @@ def records(path: str, text_key: str = "text", stats: dict | None = None) -> Ite
             for line in io.TextIOWrapper(raw, encoding="utf-8", errors="replace"):
                 if not line.strip():
                     continue
-                try:
-                    text = json.loads(line)[text_key]
-                    if not isinstance(text, str):
-                        raise TypeError
-                except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                text = jsonl_text(line, text_key)
+                if text is None:
                     stats["bad_lines"] += 1
-                    yield None
-                    continue
                 yield text
     except (OSError, EOFError) as e:  # truncated or corrupt compressed stream
         raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None

@@ -430,15 +430,18 @@ def _prompts(prompt, codec: TextCodec) -> tuple[list[list[int]], list[str] | Non
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "cpu",
-          name: str | None = None, limits: Limits | None = None) -> None:
+          name: str | None = None, limits: Limits | None = None, int8: bool = False) -> None:
     """Load a checkpoint and serve it with uvicorn until interrupted."""
     import torch
     import uvicorn
 
     from ..checkpoint import load
+    from ..quant import quantize_int8
     from ..tokenizer import load_tokenizer
 
     model = load(model_path, dtype=getattr(torch, dtype), device=device)
+    if int8:
+        quantize_int8(model)
     tokenizer = load_tokenizer(model_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")

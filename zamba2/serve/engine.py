@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..generate import sample
+from ..generate import PREFILL_CHUNK, sample
 from ..model import Zamba2LM
 
 
@@ -148,7 +148,10 @@ class Engine:
             return
         cache = self.model.new_cache(1, capacity=len(req.prompt) + req.max_tokens)
         ids = torch.tensor([req.prompt], device=self.model.device)  # [1, t]
-        logits = self.model(ids, cache=cache, logits_to_keep=0 if req.echo_logprobs else 1)  # [1, t or 1, vocab]
+        keep = 0 if req.echo_logprobs else 1
+        # prefilled in pieces, as generate does, so a long prompt needs memory for one piece, not all of it
+        logits = torch.cat([self.model(ids[:, s:s + PREFILL_CHUNK], cache=cache, logits_to_keep=keep)
+                            for s in range(0, ids.shape[1], PREFILL_CHUNK)], dim=1)  # [1, t or pieces, vocab]
         if req.echo_logprobs:
             req.emit(Event(prompt=self._prompt_logprobs(req, logits[0])))
         if req.max_tokens == 0:
