@@ -50,12 +50,17 @@ def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     return y, state
 
 
+BLOCK = 512  # tokens scanned at once: the [h, chunks, q, q] temporaries of a block stay cache-sized
+
+
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
                 initial_state: Tensor | None = None, doc: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as `ssd_sequential`; exact for any chunk_size.
 
-    All whole chunks are computed at once (no Python loop over chunks); a last partial chunk is a
-    second, smaller call that starts from the state the whole chunks leave.
+    The whole chunks of a block of about BLOCK tokens are computed at once (no loop over chunks);
+    blocks pass the state on. All of 2048 tokens at once ran its elementwise work 6x slower per token
+    than blocks of 512 on the 2-core machine (the temporaries left the cache). A last partial chunk
+    is a call of its own.
     """
     b, l, h, p = x.shape
     state = x.new_zeros(b, h, p, B.shape[3], dtype=torch.float32) if initial_state is None \
@@ -63,17 +68,22 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     if l == 0:
         return x.new_zeros(b, 0, h, p, dtype=torch.float32), state.clone()
     q = min(chunk_size, l)
-    whole = l // q * q
-    state_doc = doc[:, 0] if doc is not None else None  # the document the initial state belongs to
-    y, state = _chunks(x[:, :whole], dt[:, :whole], A, B[:, :whole], C[:, :whole], q, state,
-                       doc[:, :whole] if doc is not None else None, state_doc)
-    if whole == l:
-        return y, state
-    if doc is not None:
-        state_doc = doc[:, whole - 1]
-    y_tail, state = _chunks(x[:, whole:], dt[:, whole:], A, B[:, whole:], C[:, whole:], l - whole, state,
-                            doc[:, whole:] if doc is not None else None, state_doc)
-    return torch.cat([y, y_tail], dim=1), state
+    block = max(q, BLOCK // q * q)
+    state_doc = doc[:, 0] if doc is not None else None  # the document the carried state belongs to
+    ys = []
+    for s0 in range(0, l, block):
+        s1 = min(s0 + block, l)
+        whole = s0 + (s1 - s0) // q * q
+        for lo, hi in ((s0, whole), (whole, s1)):
+            if lo == hi:
+                continue
+            piece = doc[:, lo:hi] if doc is not None else None
+            y, state = _chunks(x[:, lo:hi], dt[:, lo:hi], A, B[:, lo:hi], C[:, lo:hi], min(q, hi - lo), state,
+                               piece, state_doc)
+            if doc is not None:
+                state_doc = doc[:, hi - 1]
+            ys.append(y)
+    return torch.cat(ys, dim=1), state
 
 
 def _chunks(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int, state: Tensor,
