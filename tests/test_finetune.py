@@ -127,3 +127,24 @@ def test_finetune_cli_names_bad_input(chat_setup, tmp_path, capsys):
     assert "no such chat data file" in capsys.readouterr().err
     assert main(base + ["--data", str(chat_setup / "chat.jsonl"), "--merge"]) == 2
     assert "--merge needs LoRA" in capsys.readouterr().err
+
+
+def test_lora_finetune_merges_resumes_and_leaves_the_base_alone(chat_setup, tmp_path):
+    args = ["finetune", "--model", str(chat_setup / "base"), "--data", str(chat_setup / "chat.jsonl"),
+            "--seq-len", "64", "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "1", "--save-every", "3",
+            "--log-every", "1", "--device", "cpu", "--lora-rank", "2", "--lora-shared", "per-visit",
+            "--lora-targets", "in_proj", "q_proj", "gate_up_proj", "--steps", "6"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--merge"]) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses[-1] < losses[0]
+    base, merged = zamba2.load(chat_setup / "base"), zamba2.load(tmp_path / "a" / "merged")
+    assert merged.config.adapter_rank == base.config.adapter_rank + 2
+    saved_base = zamba2.load(tmp_path / "a" / "checkpoint").state_dict()  # the frozen base, held in bfloat16
+    assert all(torch.equal(v, base.state_dict()[k].bfloat16().float()) for k, v in saved_base.items())
+    # interrupted after the step-3 checkpoint (base in the HF files, adapters in train_state.pt), then resumed
+    cfg, lora = finetune_config(build_parser().parse_args(args + ["--out", str(tmp_path / "b")]))
+    loaders = lambda: chat_loaders(cfg.data, cfg.model, zamba2.load_tokenizer(), 64, 2, cfg.val_fraction)
+    first = Trainer(cfg, loaders=loaders(), lora=lora).run(stop_after=4)
+    resumed = Trainer(cfg, resume=True, loaders=loaders(), lora=lora)
+    assert resumed.step == 3 and first[:3] + resumed.run() == pytest.approx(losses, rel=1e-6)

@@ -65,7 +65,7 @@ def finetune_config(args):
     lora = None
     if args.lora_rank:
         lora = LoRA(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank, targets=args.lora_targets,
-                    shared=args.lora_shared, base_dtype=args.lora_base_dtype)
+                    shared=args.lora_shared, base_dtype=args.lora_base_dtype, seed=args.seed)
     lr = args.lr if args.lr is not None else (2e-4 if lora else 2e-5)  # adapters start at zero: they take a larger lr
     cfg = TrainConfig(data=args.data, out=args.out, model=args.model, seq_len=args.seq_len,
                       batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, lr=lr,

@@ -42,7 +42,7 @@ FOLDABLE = {"q_proj": "q_adapter", "k_proj": "k_adapter", "v_proj": "v_adapter",
 class LoRALinear(Linear):
     """W x (+ bias) + scale * B[slot] A[slot] x, with W and bias taken over from `base` (same names, frozen)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, slots: int):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, slots: int, generator: torch.Generator):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
@@ -50,10 +50,10 @@ class LoRALinear(Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         # adapters train in float32 even when the frozen base is held in bfloat16
-        A = torch.empty(slots, rank, self.in_features, device=self.weight.device)
+        A = torch.empty(slots, rank, self.in_features)
         for a in A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's init, as in the LoRA paper and PEFT
-        self.lora_A = nn.Parameter(A)  # [slots, r, in]
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # nn.Linear's init, as PEFT does
+        self.lora_A = nn.Parameter(A.to(self.weight.device))  # [slots, r, in]
         self.lora_B = nn.Parameter(torch.zeros(slots, self.out_features, rank, device=self.weight.device))
         self.scale = alpha / rank
         self.slot = 0
@@ -82,6 +82,7 @@ class LoRA:
     targets: tuple = TARGETS
     shared: str = "shared"  # "shared": one adapter per shared weight; "per-visit": one per hybrid visit
     base_dtype: str = "bfloat16"  # the frozen base weights are held in this dtype
+    seed: int = 0  # of the A init, so that a run (and its resume) is reproducible
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
@@ -99,16 +100,17 @@ class LoRA:
         """Freeze the model, hold it in base_dtype, and wrap every targeted projection."""
         model.requires_grad_(False)
         model.to(getattr(torch, self.base_dtype))
+        gen = torch.Generator().manual_seed(self.seed)
         for layer in model.layers:
-            for name in set(self.targets) & set(MAMBA_TARGETS):
-                setattr(layer.mamba, name, LoRALinear(getattr(layer.mamba, name), self.rank, self.alpha, 1))
+            for name in sorted(set(self.targets) & set(MAMBA_TARGETS)):
+                setattr(layer.mamba, name, LoRALinear(getattr(layer.mamba, name), self.rank, self.alpha, 1, gen))
         c = model.config
         n_visits = len(c.hybrid_layer_ids)
         for b, block in enumerate(model.shared_blocks):
             slots = len(range(b, n_visits, c.num_mem_blocks)) if self.shared == "per-visit" else 1
             for parent, names in ((block.self_attn, ATTN_TARGETS), (block.feed_forward, MLP_TARGETS)):
-                for name in set(self.targets) & set(names):
-                    setattr(parent, name, LoRALinear(getattr(parent, name), self.rank, self.alpha, slots))
+                for name in sorted(set(self.targets) & set(names)):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), self.rank, self.alpha, slots, gen))
             if slots > 1:
                 block.lora_num_blocks = c.num_mem_blocks
                 block.register_forward_pre_hook(_set_slot)
@@ -162,9 +164,9 @@ def merge(model: Zamba2LM) -> Zamba2LM:
     c = model.config
     wrapped = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     state, _ = LoRA.split_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    folds = {}  # per-visit shared projection name -> its LoRALinear (one per block)
+    folds = {}  # per-visit shared projection name -> {block: its LoRALinear}
     for name, m in wrapped.items():
-        if m.lora_A.shape[0] == 1:
+        if m.lora_A.shape[0] == 1:  # one adapter for every call (a block visited once is per-visit and shared)
             state[name + ".weight"] = state[name + ".weight"] + m.delta(0)
             continue
         proj = name.rsplit(".", 1)[1]
@@ -183,10 +185,10 @@ def merge(model: Zamba2LM) -> Zamba2LM:
                 if key + ".0.weight" not in state:
                     continue
                 A0, B0 = state[key + ".0.weight"], state[key + ".1.weight"]  # [r0, in], [out, r0]
-                if proj in folds:
-                    m = folds[proj][b]
+                m = folds.get(proj, {}).get(b)  # None: not adapted per visit (a one-visit block merged above)
+                if m is not None:
                     A, B = m.lora_A[j // c.num_mem_blocks].float(), m.scale * m.lora_B[j // c.num_mem_blocks].float()
-                else:  # not adapted: zeros keep every visit's adapters at the one rank the config allows
+                else:  # zeros keep every visit's adapters at the one rank the config allows
                     A, B = A0.new_zeros(rank, A0.shape[1]), B0.new_zeros(B0.shape[0], rank)
                 state[key + ".0.weight"] = torch.cat([A0, A])  # [r0+R, in]
                 state[key + ".1.weight"] = torch.cat([B0, B], dim=1)  # [out, r0+R]
