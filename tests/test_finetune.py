@@ -127,6 +127,10 @@ def test_finetune_cli_names_bad_input(chat_setup, tmp_path, capsys):
     assert "no such chat data file" in capsys.readouterr().err
     assert main(base + ["--data", str(chat_setup / "chat.jsonl"), "--merge"]) == 2
     assert "--merge needs LoRA" in capsys.readouterr().err
+    assert main(base + ["--data", str(chat_setup / "chat.jsonl"), "--merge", "--lora-rank", "2",
+                        "--lora-shared", "per-visit"]) == 2
+    assert "cannot merge a per-visit LoRA on down_proj" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before training
 
 
 def test_lora_finetune_merges_resumes_and_leaves_the_base_alone(chat_setup, tmp_path):

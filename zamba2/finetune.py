@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from . import parallel
+from .config import Config
 from .lora import LoRA, merge as merge_lora
 from .serve.chat import read_tokenizer_config
 from .sft import BUILTIN_TEMPLATE, chat_loaders
@@ -43,6 +44,8 @@ def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, re
     if merge and lora is None:
         raise ValueError("--merge needs LoRA (--lora-rank); a full fine-tune is already a plain checkpoint")
     model_dir = Path(cfg.model)
+    if merge and model_dir.is_dir():  # fail now, not after training
+        lora.check_mergeable(Config.from_json(model_dir / "config.json"))
     tok = load_tokenizer(model_dir if model_dir.is_dir() else None)
     stats: dict = {}
     loaders = chat_loaders(cfg.data, model_dir if model_dir.is_dir() else None, tok, cfg.seq_len, cfg.batch_size,

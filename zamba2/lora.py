@@ -96,6 +96,16 @@ class LoRA:
         if self.base_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"LoRA base dtype must be bfloat16 or float32, not {self.base_dtype!r}")
 
+    def check_mergeable(self, c) -> None:
+        """Raise before training what merge() would raise after it (per-visit adapters with nowhere to fold)."""
+        if self.shared != "per-visit":
+            return
+        for proj in sorted(set(self.targets) - set(MAMBA_TARGETS)):
+            flag = c.use_shared_mlp_adapter if proj == "gate_up_proj" else c.use_shared_attention_adapter
+            if proj not in FOLDABLE or not flag:
+                raise ValueError(f"cannot merge a per-visit LoRA on {proj}: Zamba2 has no per-visit adapter there "
+                                 "to fold it into; save the adapter file (no --merge), or use --lora-shared shared")
+
     def apply(self, model: Zamba2LM) -> None:
         """Freeze the model, hold it in base_dtype, and wrap every targeted projection."""
         model.requires_grad_(False)
