@@ -58,14 +58,15 @@ def cmd_train(args) -> None:
 
 
 def finetune_config(args):
-    """TrainConfig + LoRA (or None) from the `finetune` / `dpo` flags."""
+    """TrainConfig + LoRA (or None) from the `finetune` flags."""
     from .lora import LoRA
     from .train import TrainConfig
 
     lora = None
     if args.lora_rank:
-        lora = LoRA(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank, targets=args.lora_targets,
-                    shared=args.lora_shared, base_dtype=args.lora_base_dtype, seed=args.seed)
+        lora = LoRA(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank, shared=args.lora_shared,
+                    base_dtype=args.lora_base_dtype, seed=args.seed,
+                    **({"targets": args.lora_targets} if args.lora_targets else {}))
     lr = args.lr if args.lr is not None else (2e-4 if lora else 2e-5)  # adapters start at zero: they take a larger lr
     cfg = TrainConfig(data=args.data, out=args.out, model=args.model, seq_len=args.seq_len,
                       batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, lr=lr,
@@ -157,7 +158,7 @@ def cmd_data(args) -> None:
 
 
 def add_finetune_flags(f: argparse.ArgumentParser, out: str) -> None:
-    """Flags shared by `finetune` and `dpo`: training, output, LoRA."""
+    """The `finetune` flags after model and data: output, training, LoRA."""
     f.add_argument("--out", default=out, help=f"output folder (default {out})")
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     # training
@@ -177,12 +178,11 @@ def add_finetune_flags(f: argparse.ArgumentParser, out: str) -> None:
     f.add_argument("--log-every", type=int, default=10, help="metrics every N steps (default 10)")
     f.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
     # LoRA
-    from .lora import TARGETS
-
     f.add_argument("--lora-rank", type=int, default=0, help="train rank-R adapters instead of all weights (0 = off)")
     f.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha/R (default alpha = 2R)")
-    f.add_argument("--lora-targets", nargs="+", choices=TARGETS, default=list(TARGETS),
-                   help="projections to adapt (default: all)")
+    f.add_argument("--lora-targets", nargs="+", default=None,
+                   help="projections to adapt, from in_proj out_proj q_proj k_proj v_proj o_proj gate_up_proj "
+                        "down_proj (default: all)")
     f.add_argument("--lora-shared", choices=("shared", "per-visit"), default="shared",
                    help="shared-block projections: one adapter on the shared weight, or one per hybrid visit")
     f.add_argument("--lora-base-dtype", choices=("bfloat16", "float32"), default="bfloat16",

@@ -25,9 +25,9 @@ from .serve.chat import ChatTemplate, TextCodec, read_tokenizer_config
 from .serve.protocol import APIError
 from .tokenizer import Tokenizer
 
-# Role-tagged turns, each closed by the eos token, in the format of the Zamba2 instruct models.
+# Role-tagged turns, each closed by the eos token, after the BOS every pretraining document starts with.
 BUILTIN_TEMPLATE = (
-    "{% for message in messages %}"
+    "{{ bos_token }}{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
