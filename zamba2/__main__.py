@@ -57,6 +57,35 @@ def cmd_train(args) -> None:
         parallel.cleanup()
 
 
+def finetune_config(args):
+    """TrainConfig + LoRA (or None) from the `finetune` flags."""
+    from .lora import LoRA
+    from .train import TrainConfig
+
+    lora = None
+    if args.lora_rank:
+        lora = LoRA(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank, shared=args.lora_shared,
+                    base_dtype=args.lora_base_dtype, seed=args.seed,
+                    **({"targets": args.lora_targets} if args.lora_targets else {}))
+    lr = args.lr if args.lr is not None else (2e-4 if lora else 2e-5)  # adapters start at zero: they take a larger lr
+    cfg = TrainConfig(data=args.data, out=args.out, model=args.model, seq_len=args.seq_len,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, lr=lr,
+                      warmup_steps=args.warmup_steps, weight_decay=0.0, dtype=args.dtype, device=args.device,
+                      val_fraction=args.val_fraction, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                      save_every=args.save_every, log_every=args.log_every, seed=args.seed)
+    return cfg, lora
+
+
+def cmd_finetune(args) -> None:
+    from .finetune import finetune
+
+    cfg, lora = finetune_config(args)
+    stats = finetune(cfg, lora, args.merge, args.resume, args.too_long)
+    print(f"{stats['conversations']:,} conversations ({stats['truncated']} truncated, {stats['dropped']} dropped as "
+          f"too long; skipped {stats['bad_lines']} malformed lines, {stats['no_assistant']} without an assistant "
+          f"turn) -> {stats['output']}")
+
+
 def cmd_demo(args) -> None:
     from .demo import demo
 
@@ -128,6 +157,40 @@ def cmd_data(args) -> None:
     run(cfg)
 
 
+def add_finetune_flags(f: argparse.ArgumentParser, out: str) -> None:
+    """The `finetune` flags after model and data: output, training, LoRA."""
+    f.add_argument("--out", default=out, help=f"output folder (default {out})")
+    f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    # training
+    f.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    f.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row (default 1024)")
+    f.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
+    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    f.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5, or 2e-4 with LoRA)")
+    f.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps (default 10)")
+    f.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16 runs forward/backward under autocast (default float32)")
+    f.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
+    f.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the data (default 0.05)")
+    f.add_argument("--eval-every", type=int, default=50, help="validation every N steps (default 50)")
+    f.add_argument("--eval-batches", type=int, default=4, help="validation batches (default 4)")
+    f.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    f.add_argument("--log-every", type=int, default=10, help="metrics every N steps (default 10)")
+    f.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+    # LoRA
+    f.add_argument("--lora-rank", type=int, default=0, help="train rank-R adapters instead of all weights (0 = off)")
+    f.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha/R (default alpha = 2R)")
+    f.add_argument("--lora-targets", nargs="+", default=None,
+                   help="projections to adapt, from in_proj out_proj q_proj k_proj v_proj o_proj gate_up_proj "
+                        "down_proj (default: all)")
+    f.add_argument("--lora-shared", choices=("shared", "per-visit"), default="shared",
+                   help="shared-block projections: one adapter on the shared weight, or one per hybrid visit")
+    f.add_argument("--lora-base-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="dtype the frozen base is held in (default bfloat16)")
+    f.add_argument("--merge", action="store_true",
+                   help="write OUT/merged, a plain checkpoint with the adapters folded in (else OUT/adapter)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zamba2", description="Run, train and serve Zamba2 hybrid language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -170,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="phase-1 steps (overrides the config)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("finetune", help="chat SFT of a checkpoint (loss on assistant turns only), full or LoRA")
+    f.add_argument("--model", required=True, help="checkpoint folder to start from")
+    f.add_argument("--data", required=True, help='chat JSONL: {"messages": [{"role", "content"}, ...]} per line')
+    f.add_argument("--too-long", choices=("truncate", "drop"), default="truncate",
+                   help="conversations longer than --seq-len: cut at seq-len, or skip (default truncate)")
+    add_finetune_flags(f, "runs/finetune")
+    f.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat) with continuous batching")
     s.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")

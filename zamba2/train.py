@@ -173,7 +173,11 @@ def evaluate(trainer: "Trainer", batches: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    """`loaders` (train, validation or None) replace the token shards of cfg.data: fine-tuning on chat rows
+    (sft.ChatLoader). `lora` (a lora.LoRA) wraps the model's projections before training; only its adapter
+    weights train, and checkpoints keep them in train_state.pt beside the base weights."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, loaders: tuple | None = None, lora=None):
         # float32 subnormals (from strongly decayed SSM terms and tiny gradients) made CPU training
         # steps up to 20x slower in measurements; flushing them to zero changes nothing that matters
         torch.set_flush_denormal(True)
@@ -183,10 +187,15 @@ class Trainer:
         self.rank, self.world, self.device = parallel.setup(cfg.device)
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
-        data = TokenData(cfg.data)
-        split = data.split_point(cfg.val_fraction)
-        self.train_loader = PackedLoader(data, cfg.seq_len, cfg.batch_size, 0, split)
-        self.val_loader = PackedLoader(data, cfg.seq_len, cfg.batch_size, split) if split < data.num_tokens else None
+        if loaders is not None:
+            self.train_loader, self.val_loader = loaders
+            data_vocab = self.train_loader.vocab_size
+        else:
+            data = TokenData(cfg.data)
+            split = data.split_point(cfg.val_fraction)
+            self.train_loader = PackedLoader(data, cfg.seq_len, cfg.batch_size, 0, split)
+            self.val_loader = PackedLoader(data, cfg.seq_len, cfg.batch_size, split) if split < data.num_tokens else None
+            data_vocab = data.meta["vocab_size"]
         self.anneal_loader = None
         if cfg.anneal_steps:
             anneal = PackedLoader(TokenData(cfg.anneal_data), cfg.seq_len, cfg.batch_size)
@@ -201,9 +210,13 @@ class Trainer:
             state = torch.load(state_path, weights_only=False)
         else:
             self.model = build_model(cfg)
-        if self.model.config.vocab_size < data.meta["vocab_size"]:
-            raise ValueError(f"data vocabulary ({data.meta['vocab_size']}) exceeds the model's "
-                             f"({self.model.config.vocab_size})")
+        if self.model.config.vocab_size < data_vocab:
+            raise ValueError(f"data vocabulary ({data_vocab}) exceeds the model's ({self.model.config.vocab_size})")
+        self.lora = lora
+        if lora is not None:
+            lora.apply(self.model)
+            if state is not None:
+                lora.load_state_dict(self.model, state["adapter"])
         self.model.to(self.device).train()
         if self.world > 1:
             parallel.shard(self.model)
@@ -238,6 +251,8 @@ class Trainer:
         state = {"step": self.step, "optimizer": parallel.optimizer_state(self.model, self.opt),
                  "rng": torch.get_rng_state(), "train_loader": self.train_loader.state_dict(),
                  "config": asdict(self.cfg)}
+        if self.lora is not None:  # the HF files get the (frozen) base; the adapters go in train_state.pt
+            weights, state["adapter"] = self.lora.split_state_dict(weights)
         if self.anneal_loader is not None:
             state["anneal_loader"] = self.anneal_loader.state_dict()
         if self.rank == 0:
