@@ -76,6 +76,15 @@ def finetune_config(args):
     return cfg, lora
 
 
+def cmd_dpo(args) -> None:
+    from .dpo import dpo
+
+    cfg, lora = finetune_config(args)
+    stats = dpo(cfg, args.beta, lora, args.merge, args.resume)
+    print(f"{stats['pairs']:,} pairs ({stats['dropped']} dropped as too long; skipped {stats['bad_lines']} malformed "
+          f"lines, {stats['no_assistant']} without a final assistant turn) -> {stats['output']}")
+
+
 def cmd_finetune(args) -> None:
     from .finetune import finetune
 
@@ -241,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversations longer than --seq-len: cut at seq-len, or skip (default truncate)")
     add_finetune_flags(f, "runs/finetune")
     f.set_defaults(func=cmd_finetune)
+
+    o = sub.add_parser("dpo", help="direct preference optimisation on chosen/rejected pairs, full or LoRA")
+    o.add_argument("--model", required=True, help="checkpoint folder to start from (also the frozen reference)")
+    o.add_argument("--data", required=True,
+                   help='pairs JSONL: {"prompt", "chosen", "rejected"} per line (strings or chat messages)')
+    o.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default 0.1)")
+    add_finetune_flags(o, "runs/dpo")
+    o.set_defaults(func=cmd_dpo)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat) with continuous batching")
     s.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")

@@ -39,19 +39,23 @@ def write_tokenizer_files(model: str | Path, dst: Path) -> None:
 
 
 def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, resume: bool = False,
-             too_long: str = "truncate") -> dict:
-    """SFT on the chat JSONL `cfg.data` starting from `cfg.model`; returns the data counts and output folder."""
+             too_long: str = "truncate", loaders: tuple | None = None, objective=None,
+             stats: dict | None = None) -> dict:
+    """SFT on the chat JSONL `cfg.data` starting from `cfg.model`; returns the data counts and output folder.
+
+    dpo.dpo passes its own `loaders` (preference pairs) and `objective` and reuses everything else."""
     if merge and lora is None:
         raise ValueError("--merge needs LoRA (--lora-rank); a full fine-tune is already a plain checkpoint")
     model_dir = Path(cfg.model)
     if merge and model_dir.is_dir():  # fail now, not after training
         lora.check_mergeable(Config.from_json(model_dir / "config.json"))
-    tok = load_tokenizer(model_dir if model_dir.is_dir() else None)
-    stats: dict = {}
-    loaders = chat_loaders(cfg.data, model_dir if model_dir.is_dir() else None, tok, cfg.seq_len, cfg.batch_size,
-                           cfg.val_fraction, too_long, cfg.seed, stats)
+    stats = stats if stats is not None else {}
+    if loaders is None:
+        tok = load_tokenizer(model_dir if model_dir.is_dir() else None)
+        loaders = chat_loaders(cfg.data, model_dir if model_dir.is_dir() else None, tok, cfg.seq_len,
+                               cfg.batch_size, cfg.val_fraction, too_long, cfg.seed, stats)
     try:
-        trainer = Trainer(cfg, resume=resume, loaders=loaders, lora=lora)
+        trainer = Trainer(cfg, resume=resume, loaders=loaders, lora=lora, objective=objective)
         stats["losses"] = trainer.run()
         out = Path(cfg.out) / "checkpoint"
         if lora is not None and trainer.rank == 0:

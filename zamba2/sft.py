@@ -167,6 +167,8 @@ def _row(convs, seq_len: int, pad_id: int) -> dict:
 class ChatLoader:
     """Batches of packed chat rows in a fixed (seeded) order, wrapping around; resumable like PackedLoader."""
 
+    KEYS = ("input_ids", "labels", "doc_ids")
+
     def __init__(self, rows: list[dict], batch_size: int, vocab_size: int):
         if not rows:
             raise ValueError("no rows to train on")
@@ -176,7 +178,7 @@ class ChatLoader:
     def next_batch(self) -> dict[str, torch.Tensor]:
         picked = [self.rows[(self.pos + i) % len(self.rows)] for i in range(self.batch_size)]
         self.pos = (self.pos + self.batch_size) % len(self.rows)
-        return {k: torch.from_numpy(np.stack([r[k] for r in picked])) for k in ("input_ids", "labels", "doc_ids")}
+        return {k: torch.from_numpy(np.stack([r[k] for r in picked])) for k in self.KEYS}
 
     def state_dict(self) -> dict:
         return {"pos": self.pos}

@@ -155,6 +155,21 @@ def target_count(batch: dict) -> int:
     return int((batch["labels"] != IGNORE).sum())
 
 
+class LMObjective:
+    """Next-token cross-entropy, summed over target tokens and counted per token (pretraining, SFT).
+
+    The Trainer divides `loss` by the global `count` of a batch; dpo.DPOObjective is the other objective."""
+
+    def loss(self, model: Zamba2LM, batch: dict, dtype: torch.dtype) -> torch.Tensor:
+        return lm_loss(model, batch, dtype)
+
+    def count(self, batch: dict) -> int:
+        return target_count(batch)
+
+    def metrics(self) -> dict:
+        return {}
+
+
 @torch.no_grad()
 def evaluate(trainer: "Trainer", batches: int) -> float:
     """Validation loss per token over the first `batches` batches of the held-out split (always the same ones)."""
@@ -165,8 +180,8 @@ def evaluate(trainer: "Trainer", batches: int) -> float:
     total, count = torch.zeros((), device=trainer.device), 0
     for _ in range(batches):
         batch = loader.next_batch()
-        total += lm_loss(model, trainer.local_rows(batch), trainer.dtype)
-        count += target_count(batch)
+        total += trainer.objective.loss(model, trainer.local_rows(batch), trainer.dtype)
+        count += trainer.objective.count(batch)
     loader.load_state_dict(saved)
     model.train()
     return parallel.all_sum(total).item() / count
@@ -175,15 +190,18 @@ def evaluate(trainer: "Trainer", batches: int) -> float:
 class Trainer:
     """`loaders` (train, validation or None) replace the token shards of cfg.data: fine-tuning on chat rows
     (sft.ChatLoader). `lora` (a lora.LoRA) wraps the model's projections before training; only its adapter
-    weights train, and checkpoints keep them in train_state.pt beside the base weights."""
+    weights train, and checkpoints keep them in train_state.pt beside the base weights. `objective` is the
+    loss (default LMObjective; dpo.DPOObjective for preference pairs)."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, loaders: tuple | None = None, lora=None):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, loaders: tuple | None = None, lora=None,
+                 objective=None):
         # float32 subnormals (from strongly decayed SSM terms and tiny gradients) made CPU training
         # steps up to 20x slower in measurements; flushing them to zero changes nothing that matters
         torch.set_flush_denormal(True)
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.dtype = getattr(torch, cfg.dtype)
+        self.objective = objective or LMObjective()
         self.rank, self.world, self.device = parallel.setup(cfg.device)
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
@@ -291,8 +309,8 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 batch = loader.next_batch()  # the global micro-batch, the same on every rank
                 # FSDP averages gradients over ranks: scaling by world size makes that a sum over all rows
-                scale = self.world / (max(target_count(batch), 1) * cfg.grad_accum)
-                micro = lm_loss(model, self.local_rows(batch), self.dtype) * scale
+                scale = self.world / (max(self.objective.count(batch), 1) * cfg.grad_accum)
+                micro = self.objective.loss(model, self.local_rows(batch), self.dtype) * scale
                 micro.backward()
                 loss += micro.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -309,7 +327,7 @@ class Trainer:
                 tps = tokens_per_step * (self.step - last) / max(dt, 1e-9)
                 t0, last = time.time(), self.step
                 self.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                          "tokens": self.step * tokens_per_step})
+                          "tokens": self.step * tokens_per_step, **self.objective.metrics()})
                 self.progress(f"\rstep {self.step}/{cfg.total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s ")
             if self.val_loader is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
                 val = evaluate(self, cfg.eval_batches)
