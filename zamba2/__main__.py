@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -81,8 +82,9 @@ def cmd_dpo(args) -> None:
 
     cfg, lora = finetune_config(args)
     stats = dpo(cfg, args.beta, lora, args.merge, args.resume)
-    print(f"{stats['pairs']:,} pairs ({stats['dropped']} dropped as too long; skipped {stats['bad_lines']} malformed "
-          f"lines, {stats['no_assistant']} without a final assistant turn) -> {stats['output']}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        print(f"{stats['pairs']:,} pairs ({stats['dropped']} dropped as too long; skipped {stats['bad_lines']} "
+              f"malformed lines, {stats['no_assistant']} without a final assistant turn) -> {stats['output']}")
 
 
 def cmd_finetune(args) -> None:
@@ -90,9 +92,10 @@ def cmd_finetune(args) -> None:
 
     cfg, lora = finetune_config(args)
     stats = finetune(cfg, lora, args.merge, args.resume, args.too_long)
-    print(f"{stats['conversations']:,} conversations ({stats['truncated']} truncated, {stats['dropped']} dropped as "
-          f"too long; skipped {stats['bad_lines']} malformed lines, {stats['no_assistant']} without an assistant "
-          f"turn) -> {stats['output']}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        print(f"{stats['conversations']:,} conversations ({stats['truncated']} truncated, {stats['dropped']} "
+              f"dropped as too long; skipped {stats['bad_lines']} malformed lines, {stats['no_assistant']} without "
+              f"an assistant turn) -> {stats['output']}")
 
 
 def cmd_demo(args) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import parallel
 from .config import Config
 from .lora import LoRA, merge as merge_lora
+from .model import Zamba2LM
 from .serve.chat import read_tokenizer_config
 from .sft import BUILTIN_TEMPLATE, chat_loaders
 from .tokenizer import load_tokenizer
@@ -58,13 +59,17 @@ def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, re
         trainer = Trainer(cfg, resume=resume, loaders=loaders, lora=lora, objective=objective)
         stats["losses"] = trainer.run()
         out = Path(cfg.out) / "checkpoint"
-        if lora is not None and trainer.rank == 0:
-            if merge:
-                out = Path(cfg.out) / "merged"
-                merge_lora(trainer.model).save(out)
-            else:
-                out = Path(cfg.out) / "adapter"
-                lora.save(trainer.model, out)
+        if lora is not None:
+            model = trainer.model
+            if trainer.world > 1:  # FSDP: gather the full weights (collective) into a plain wrapped model on rank 0
+                full = parallel.model_state(trainer.model)
+                model = Zamba2LM(trainer.model.config)
+                lora.apply(model)
+                if trainer.rank == 0:
+                    model.load_state_dict(full)
+            out = Path(cfg.out) / ("merged" if merge else "adapter")
+            if trainer.rank == 0:
+                merge_lora(model).save(out) if merge else lora.save(model, out)
         if trainer.rank == 0:
             write_tokenizer_files(cfg.model, out)
     finally:
