@@ -10,38 +10,14 @@ concurrent answer equals the one it got alone, and reports generated tokens/s bo
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 
 import zamba2
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def start(model: str, max_batch: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "zamba2", "serve", "--model", model, "--port", str(port),
-                             "--served-model-name", "bench", "--max-batch", str(max_batch)],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not start")
+from zamba2.serve.process import start_server
 
 
 def main() -> None:
@@ -58,7 +34,7 @@ def main() -> None:
     if model is None:
         model = f"{tmp.name}/model"
         zamba2.Zamba2LM(zamba2.preset(args.preset, vocab_size=32000, max_position_embeddings=512)).save(model)
-    proc, url = start(model, args.max_batch)
+    proc, url = start_server(model, "bench", "--max-batch", str(args.max_batch))
     http = httpx.Client(timeout=600)
     prompts = [f"Request {i}: the story of" + " a long road" * (i % 9) for i in range(args.requests)]
 

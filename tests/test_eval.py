@@ -12,7 +12,7 @@ import torch
 
 import zamba2
 from conftest import random_model
-from server_process import ROOT, start_server
+from zamba2.serve.process import ROOT, start_server
 from zamba2.eval.perplexity import document_nll, perplexity
 
 lm_eval = pytest.importorskip("lm_eval")

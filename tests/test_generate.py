@@ -90,7 +90,9 @@ def test_int8_weights_generate_close_to_float():
     assert q.lm_head.weight.dtype == torch.int8
     err = (q(ids) - ref).norm() / ref.norm()
     assert err < 0.02, err
-    assert torch.equal(zamba2.generate(q, ids, 4)[:, :24], ids)  # the decode path runs
+    out = zamba2.generate(q, ids, 4)  # int8 decode (few rows) agrees with the int8 full forward (many rows)
+    for t in range(4):
+        assert torch.equal(q(out[:, :24 + t])[:, -1].argmax(-1), out[:, 24 + t])
     with pytest.raises(ValueError, match="quantized"):
         q.save("never-written")
 

@@ -14,7 +14,7 @@ import torch
 
 import zamba2
 from conftest import random_model
-from server_process import ROOT, start_server
+from zamba2.serve.process import ROOT, start_server
 
 openai = pytest.importorskip("openai")
 

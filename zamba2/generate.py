@@ -32,6 +32,20 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+def prefill(model: Zamba2LM, input_ids: Tensor, cache, attention_mask: Tensor | None = None,
+            logits_to_keep: int = 1, prefill_chunk: int = PREFILL_CHUNK) -> Tensor:
+    """Run a prompt [b, t] into `cache` in pieces of `prefill_chunk` tokens, so that the memory it needs beyond
+    the cache is bounded by the piece. Returns the logits each piece keeps (`logits_to_keep`; 0 = all),
+    concatenated: [b, t or pieces * logits_to_keep, vocab]."""
+    t = input_ids.shape[1]
+    out = []
+    for s in range(0, t, prefill_chunk):
+        e = min(s + prefill_chunk, t)
+        mask = attention_mask[:, :e] if attention_mask is not None else None
+        out.append(model(input_ids[:, s:e], attention_mask=mask, cache=cache, logits_to_keep=logits_to_keep))
+    return torch.cat(out, dim=1)
+
+
 @torch.inference_mode()
 def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
@@ -60,10 +74,7 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(b, capacity=t + max_new_tokens)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
-    for s in range(0, t, prefill_chunk):
-        e = min(s + prefill_chunk, t)
-        mask = attention_mask[:, :e] if attention_mask is not None else None
-        logits = model(input_ids[:, s:e], attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
+    logits = prefill(model, input_ids, cache, attention_mask, prefill_chunk=prefill_chunk)[:, -1]
     for _ in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, gen)
         token = torch.where(done, torch.full_like(token, pad), token)

@@ -167,6 +167,13 @@ class Server:
         finally:  # also on client disconnect (the streaming task is cancelled) and on errors
             self.cancel(choices)
 
+    async def complete(self, choices: list[_Choice], queue: asyncio.Queue) -> None:
+        """Wait until every choice has finished (a non-streaming response); an engine error is a 500."""
+        async for c in self.run(choices, queue):
+            if c.error:
+                self.cancel(choices)
+                raise APIError(c.error, 500, kind="server_error")
+
     # --- responses ---------------------------------------------------------------------------------
 
     def completion_logprobs(self, tokens: list[int], entries: list, offset: int = 0) -> dict:
@@ -346,10 +353,7 @@ def create_app(server: Server) -> FastAPI:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        async for c in server.run(choices, queue):
-            if c.error:
-                server.cancel(choices)
-                raise APIError(c.error, 500, kind="server_error")
+        await server.complete(choices, queue)
         out = []
         for c in choices:
             text, lp = head(c)
@@ -403,10 +407,7 @@ def create_app(server: Server) -> FastAPI:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        async for c in server.run(choices, queue):
-            if c.error:
-                server.cancel(choices)
-                raise APIError(c.error, 500, kind="server_error")
+        await server.complete(choices, queue)
         return {"id": rid, "object": "chat.completion", "created": created, "model": server.name,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                              "logprobs": server.chat_logprobs(c.logprobs, k) if body.logprobs else None,

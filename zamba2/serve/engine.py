@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..generate import PREFILL_CHUNK, sample
+from ..generate import prefill, sample
 from ..model import Zamba2LM
 
 
@@ -149,9 +149,7 @@ class Engine:
         cache = self.model.new_cache(1, capacity=len(req.prompt) + req.max_tokens)
         ids = torch.tensor([req.prompt], device=self.model.device)  # [1, t]
         keep = 0 if req.echo_logprobs else 1
-        # prefilled in pieces, as generate does, so a long prompt needs memory for one piece, not all of it
-        logits = torch.cat([self.model(ids[:, s:s + PREFILL_CHUNK], cache=cache, logits_to_keep=keep)
-                            for s in range(0, ids.shape[1], PREFILL_CHUNK)], dim=1)  # [1, t or pieces, vocab]
+        logits = prefill(self.model, ids, cache, logits_to_keep=keep)  # [1, t or pieces, vocab]
         if req.echo_logprobs:
             req.emit(Event(prompt=self._prompt_logprobs(req, logits[0])))
         if req.max_tokens == 0:

@@ -1,4 +1,4 @@
-"""A real `zamba2 serve` process on a free loopback port, for the server and evaluation tests."""
+"""Start a real `zamba2 serve` process on a free loopback port and wait for it (tests, bench/serve_load.py)."""
 
 import os
 import socket
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, for PYTHONPATH
 
 
 def free_port() -> int:
