@@ -24,25 +24,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .cache import HybridCache
 from .config import Config
 from .ssd import ssd_chunked, ssd_step
 
 
 FEW_ROWS = 16
+FUSED_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled decode kernels take (kernels.py)
+# The scan's chunk length on the CPU is at most this (the config's chunk_size, 256 in the released models,
+# elsewhere). The chunked scan is exact for any length; its intra-chunk work grows with the chunk, and on the
+# 2-core AVX2 machine 64 ran prefill 1.2-1.5x and training 1.1-1.3x faster than 256 (bench/compare.py).
+CPU_MAX_CHUNK = 64
 NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported()  # CPUs with bf16 instructions run bf16 GEMMs natively
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, with two CPU paths that measured faster on the 2-core AVX2 machine:
+    """F.linear, with CPU paths that measured faster on the 2-core AVX2 machine:
 
-    - float32, few rows (decode): (W @ x^T)^T. MKL's GEMM with the weight as the left operand ran
-      1.5-3x faster for 2-16 rows and no slower for one, on every preset's shapes.
+    - few rows (decode), float32 or bfloat16: the compiled GEMV (kernels.py), a streaming read of the
+      weight at 1.5-2.5x MKL's rate on decode shapes. Without it, float32: (W @ x^T)^T, where MKL's GEMM
+      with the weight as the left operand ran 1.5-3x faster for 2-16 rows and no slower for one.
     - bfloat16 without bf16 instructions, more than 16 rows (prefill): computed in float32. There torch's
       bf16 GEMM costs a whole GEMV per row (9x slower than float32 at 2048 rows), while upcasting the
       weight costs about one matmul row pass; for few rows (decode) that upcast would cost more than it saves.
     """
     rows = x.numel() // x.shape[-1]
+    if (rows <= FEW_ROWS and weight.dtype in FUSED_DTYPES and weight.is_contiguous()
+            and (k := kernels.get(x, weight)) is not None):
+        y = k.gemv(weight, x.reshape(rows, -1).float().contiguous())  # [rows, out] float32
+        if bias is not None:
+            y = y + bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     if x.device.type == "cpu" and x.dtype == torch.float32 and rows <= FEW_ROWS:
         y = (weight @ x.reshape(rows, -1).t()).t()  # [rows, out]
         if bias is not None:
@@ -68,6 +81,10 @@ class RMSNorm(nn.Module):
         self.group_size = group_size or dim
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if (gate is None and rows <= FEW_ROWS and self.group_size == x.shape[-1] and x.dtype == self.weight.dtype
+                and x.is_contiguous() and (k := kernels.get(x, self.weight)) is not None):
+            return k.rms_norm(x.view(rows, -1), self.weight, self.eps).view(x.shape)  # decode: one call
         dtype = x.dtype
         x = x.float()
         if gate is not None:  # Mamba2's gated norm: gate before normalising (norm_before_gate=False)
@@ -125,6 +142,9 @@ class Mamba2Mixer(nn.Module):
     def forward(self, u: Tensor, mask: Tensor | None, chunk_size: int, conv_state: Tensor | None = None,
                 ssm_state: Tensor | None = None, doc: Tensor | None = None) -> Tensor:
         b, l, _ = u.shape
+        if (l == 1 and mask is None and ssm_state is not None and conv_state.is_contiguous()
+                and (k := kernels.get(u, self.in_proj.weight)) is not None):
+            return self.step(u, conv_state, ssm_state, k)
         if mask is not None:  # padding contributes nothing (and, with dt = 0 below, does not decay the state)
             u = u * mask[..., None].to(u.dtype)
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
@@ -152,6 +172,18 @@ class Mamba2Mixer(nn.Module):
         y = y + x.float() * self.D.float()[:, None]  # D skip on the post-conv x
         y = self.norm(y.reshape(b, l, self.d_inner), gate=z)
         return self.out_proj(y.to(u.dtype))
+
+    def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor, k) -> Tensor:
+        """One decode token [b,1,d] with everything between in_proj and out_proj in one compiled call
+        (kernels.py); the torch code of forward() is its reference."""
+        b = u.shape[0]
+        y = k.mamba_step(self.in_proj(u).view(b, -1), conv_state, ssm_state, *self.step_params())
+        return self.out_proj(y.to(u.dtype)).view(b, 1, -1)  # y [b, d_inner]
+
+    def step_params(self) -> tuple:
+        c = self.conv1d
+        return (c.weight.view(self.conv_dim, -1), c.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
+                self.groups, self.dt_min, self.norm.eps)
 
 
 class SharedAttention(nn.Module):
@@ -253,7 +285,19 @@ class Layer(nn.Module):
         cache = ctx.cache
         conv = cache.conv[self.index] if cache is not None else None
         ssm = cache.ssm[self.index] if cache is not None else None
+        if ctx.decode_kernels is not None and self.fused:  # decode: the whole layer in one compiled call
+            b, _, d = x.shape
+            mx = self.mamba
+            return ctx.decode_kernels.mamba_layer(
+                x.view(b, d), u.view(b, d), self.input_layernorm.weight, self.input_layernorm.eps, mx.in_proj.weight,
+                mx.out_proj.weight, conv, ssm, *mx.step_params()).view(b, 1, d)
         return x + self.mamba(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm, ctx.doc)  # residual is x, not u
+
+    @property
+    def fused(self) -> bool:
+        """Whether mamba_layer can run this layer: plain projections without bias (not int8 or LoRA)."""
+        mx = self.mamba
+        return all(type(p) is Linear and p.bias is None for p in (mx.in_proj, mx.out_proj))
 
 
 class _Context:
@@ -382,8 +426,11 @@ class Zamba2LM(nn.Module):
         x = self.embed_tokens(input_ids)  # [b,t,d]; no sqrt(d) scaling
         rope = (rope_tables(positions, c.attention_head_dim, c.effective_rope_theta, x.dtype)
                 if c.use_mem_rope else None)
+        decode = t == 1 and cache is not None and mask is None and b <= FEW_ROWS and x.dtype in FUSED_DTYPES
         ctx = _Context(embeddings=x, mask=mask, attn_mask=attn_mask, causal=causal, rope=rope, cache=cache,
-                       start=start, chunk_size=c.chunk_size, doc=doc_ids)
+                       start=start, doc=doc_ids,
+                       chunk_size=min(c.chunk_size, CPU_MAX_CHUNK) if x.device.type == "cpu" else c.chunk_size,
+                       decode_kernels=kernels.get(x, self.embed_tokens.weight) if decode else None)
         for layer in self.layers:
             x = layer(x, ctx, self.shared_blocks)
         if logits_to_keep:

@@ -1,0 +1,130 @@
+"""The compiled CPU decode kernels (zamba2/kernels.py) against the torch code they replace."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zamba2
+from zamba2 import kernels
+from zamba2.model import RMSNorm
+
+from conftest import random_model
+
+
+@pytest.fixture(scope="module")
+def k():
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the kernels need AVX2 + FMA")
+    built = kernels.get()
+    assert built is not None, "the CPU kernels did not build on an AVX2 machine (see the warning above)"
+    return built
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run the torch reference code: kernels off for the duration of the test's `with` block."""
+    class Off:
+        def __enter__(self):
+            monkeypatch.setattr(kernels, "ENABLED", False)
+
+        def __exit__(self, *exc):
+            monkeypatch.setattr(kernels, "ENABLED", True)
+    return Off()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("n,k_", [(37, 29), (64, 32), (301, 520)])
+def test_gemv_equals_linear(k, dtype, rows, n, k_):
+    w = torch.randn(n, k_).to(dtype)
+    x = torch.randn(rows, k_)
+    torch.testing.assert_close(k.gemv(w, x), F.linear(x, w.float()), rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_rejects_bad_input(k):
+    with pytest.raises(RuntimeError, match="columns"):
+        k.gemv(torch.randn(4, 8), torch.randn(1, 9))
+    with pytest.raises(RuntimeError, match="dtype"):
+        k.gemv(torch.randn(4, 8).double(), torch.randn(1, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_torch(k, torch_only, dtype):
+    norm = RMSNorm(48, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48))
+    x = torch.randn(3, 1, 48).to(dtype)
+    with torch.inference_mode():
+        fast = norm(x)
+        with torch_only:
+            ref = norm(x)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def decode(model, prompt, steps):
+    """Logits of `steps` greedy decode tokens after `prompt` [b,t], and the cache at the end."""
+    cache = model.new_cache(prompt.shape[0], capacity=prompt.shape[1] + steps)
+    out = []
+    with torch.inference_mode():
+        logits = model(prompt, cache=cache, logits_to_keep=1)
+        for _ in range(steps):
+            logits = model(logits[:, -1].argmax(-1)[:, None], cache=cache, logits_to_keep=1)
+            out.append(logits[:, -1].float())
+    return torch.stack(out, 1), cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_equals_torch_code(k, torch_only, dtype, batch):
+    """Every layer kind (plain and hybrid Mamba layers, two shared blocks, 2 groups, conv bias) over steps that
+    cross chunk boundaries: logits and every cached state stay equal to the torch code's."""
+    model = random_model(use_conv_bias=True).to(dtype)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 11))
+    fast, fast_cache = decode(model, prompt, 20)
+    with torch_only:
+        ref, ref_cache = decode(model, prompt, 20)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+    torch.testing.assert_close(fast, ref, **tol)
+    for a, b in zip(fast_cache.ssm + fast_cache.conv, ref_cache.ssm + ref_cache.conv):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    for i in fast_cache.keys:
+        torch.testing.assert_close(fast_cache.keys[i], ref_cache.keys[i], **tol)
+
+
+def test_decode_of_int8_and_lora_models_uses_the_mixer_step(k, torch_only):
+    """Projections that are not plain Linear (int8, LoRA) keep their modules; the mixer step in between is
+    still the compiled one, and equals the torch code."""
+    from zamba2.lora import LoRA
+
+    lora = random_model()
+    LoRA(rank=2, base_dtype="float32").apply(lora)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    int8 = zamba2.quantize_int8(random_model(hidden_size=64, intermediate_size=128))
+    for model in (lora, int8):
+        assert not any(layer.fused for layer in model.layers)
+        prompt = torch.randint(0, model.config.vocab_size, (2, 9))
+        fast, _ = decode(model, prompt, 12)
+        with torch_only:
+            ref, _ = decode(model, prompt, 12)
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_training_never_uses_the_kernels(k):
+    """The kernels have no backward: with autograd tracking a tensor, get() declines."""
+    w = torch.randn(4, 4, requires_grad=True)
+    assert kernels.get(w) is None
+    with torch.no_grad():
+        assert kernels.get(w) is k
+
+
+def test_env_switch_turns_the_kernels_off():
+    env = dict(os.environ, ZAMBA2_CPU_KERNELS="0")
+    code = "import zamba2.kernels as k; assert k.get() is None"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)

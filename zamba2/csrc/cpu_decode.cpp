@@ -1,0 +1,347 @@
+// CPU kernels for decode (a few rows per step), built on first use by zamba2/kernels.py.
+//
+// gemv: y[r, n] = sum_k W[n, k] x[r, k] for a handful of rows r. Decode reads every weight once per token,
+//   so this is a streaming read of W: both cores read their half of W's rows, each row once, while the
+//   x rows stay in L1/L2. MKL's GEMV reached 12-18 GB/s on Zamba2's decode shapes where a plain 2-thread
+//   read of the same memory reaches ~39 GB/s (bench/compare.py measures both). W may be bfloat16: its
+//   elements widen to float32 exactly (a 16-bit shift), so bf16 decode reads half the bytes at float32
+//   arithmetic.
+// mamba_step: everything a Mamba2 mixer does to one token between in_proj and out_proj (depthwise conv
+//   over the cached window, SiLU, softplus(dt), the SSM state update and read-out, D skip, gated RMSNorm)
+//   in one call instead of ~40 small torch ops; mamba_layer adds the layer's RMSNorm, both projections and
+//   the residual, one call per layer. zamba2.model's torch code is the reference they are tested against.
+// rms_norm: RMSNorm of a few rows; torch's rms_norm costs ~20 us a call on a 512-vector.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {  // bf16 -> fp32 is the bf16 bits in the upper half
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// NB weight rows against RT input rows: NB*RT independent accumulators, each W element loaded once. The
+// next NB rows are prefetched as these are read: with rows of 512 elements the hardware prefetcher alone
+// restarted too often to keep the memory busy.
+template <typename W, int NB, int RT>
+inline void block(const W* w, int64_t K, const float* x, float* y, int64_t N) {
+  __m256 acc[NB][RT];
+  for (int i = 0; i < NB; i++)
+    for (int r = 0; r < RT; r++) acc[i][r] = _mm256_setzero_ps();
+  const int64_t K8 = K & ~int64_t(7);
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 xv[RT];
+    for (int r = 0; r < RT; r++) xv[r] = _mm256_loadu_ps(x + r * K + k);
+    for (int i = 0; i < NB; i++) {
+#ifndef NO_PREFETCH
+      _mm_prefetch(reinterpret_cast<const char*>(w + (i + NB) * K + k), _MM_HINT_T0);
+#endif
+      __m256 wv = load8(w + i * K + k);
+      for (int r = 0; r < RT; r++) acc[i][r] = _mm256_fmadd_ps(wv, xv[r], acc[i][r]);
+    }
+  }
+  for (int i = 0; i < NB; i++)
+    for (int r = 0; r < RT; r++) {
+      float s = hsum(acc[i][r]);
+      for (int64_t k = K8; k < K; k++) s += static_cast<float>(w[i * K + k]) * x[r * K + k];
+      y[r * N + i] = s;
+    }
+}
+
+// NB weight rows (read from memory once) against all R input rows, in tiles of up to 4 that re-read the
+// rows from L1/L2.
+template <typename W, int NB>
+inline void all_rows(const W* w, int64_t K, const float* x, float* y, int64_t R, int64_t N) {
+  for (int64_t r = 0; r < R;) {
+    switch (std::min<int64_t>(R - r, 4)) {
+      case 1: block<W, NB, 1>(w, K, x + r * K, y + r * N, N); r += 1; break;
+      case 2: block<W, NB, 2>(w, K, x + r * K, y + r * N, N); r += 2; break;
+      case 3: block<W, NB, 3>(w, K, x + r * K, y + r * N, N); r += 3; break;
+      default: block<W, NB, 4>(w, K, x + r * K, y + r * N, N); r += 4; break;
+    }
+  }
+}
+
+template <typename W>
+void gemv_impl(const W* w, const float* x, float* y, int64_t R, int64_t N, int64_t K) {
+  // ~32 KB of weights per task at the least, so tiny layers do not pay for waking the other thread
+  const int64_t grain = std::max<int64_t>(16, 8192 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    if (R == 1)  // 4 rows x 1: 4 accumulators
+      for (; n + 4 <= n1; n += 4) all_rows<W, 4>(w + n * K, K, x, y + n, R, N);
+    else  // 2 rows x up to 4: 8 accumulators + 4 x registers, out of 16
+      for (; n + 2 <= n1; n += 2) all_rows<W, 2>(w + n * K, K, x, y + n, R, N);
+    for (; n < n1; n++) all_rows<W, 1>(w + n * K, K, x, y + n, R, N);
+  });
+}
+
+torch::Tensor gemv(const torch::Tensor& weight, const torch::Tensor& x) {
+  // weight [N, K] float32 or bfloat16, contiguous; x [R, K] float32 contiguous -> [R, N] float32
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "gemv: weight must be a contiguous matrix");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32, "gemv: x must be [R, K] f32");
+  const int64_t N = weight.size(0), K = weight.size(1), R = x.size(0);
+  TORCH_CHECK(x.size(1) == K, "gemv: x has ", x.size(1), " columns, weight has ", K);
+  torch::Tensor y = torch::empty({R, N}, x.options());
+  if (weight.scalar_type() == torch::kFloat32)
+    gemv_impl(weight.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), R, N, K);
+  else if (weight.scalar_type() == torch::kBFloat16)
+    gemv_impl(weight.data_ptr<at::BFloat16>(), x.data_ptr<float>(), y.data_ptr<float>(), R, N, K);
+  else
+    TORCH_CHECK(false, "gemv: weight dtype must be float32 or bfloat16");
+  return y;
+}
+
+template <typename T>
+void rms_norm_impl(const T* x, const T* w, T* y, int64_t R, int64_t D, float eps) {
+  for (int64_t r = 0; r < R; r++, x += D, y += D) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < D; j++) ss += static_cast<float>(x[j]) * static_cast<float>(x[j]);
+    const float inv = 1.0f / std::sqrt(ss / D + eps);
+    for (int64_t j = 0; j < D; j++)  // normalised value cast to T, then scaled in T, as the torch code does
+      y[j] = static_cast<T>(static_cast<float>(w[j]) * static_cast<float>(static_cast<T>(static_cast<float>(x[j]) * inv)));
+  }
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  // x [R, D], weight [D], same dtype (float32 or bfloat16), contiguous -> [R, D]
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous() && weight.numel() == x.size(1) &&
+              x.scalar_type() == weight.scalar_type(), "rms_norm: x [R, D] and weight [D] of one dtype");
+  torch::Tensor y = torch::empty_like(x);
+  if (x.scalar_type() == torch::kFloat32)
+    rms_norm_impl(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), eps);
+  else if (x.scalar_type() == torch::kBFloat16)
+    rms_norm_impl(x.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(),
+                  x.size(0), x.size(1), eps);
+  else
+    TORCH_CHECK(false, "rms_norm: float32 or bfloat16");
+  return y;
+}
+
+// exp(x) on 8 lanes (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n from the exponent bits;
+// ~1 ulp). std::exp is a scalar libm call: the ~2,000 SiLUs of a layer step took 20 us through it.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+inline void silu_inplace(float* v, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+    _mm256_storeu_ps(v + i, _mm256_div_ps(x, d));
+  }
+  for (; i < n; i++) v[i] = silu(v[i]);
+}
+
+inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }  // torch's threshold
+
+template <typename T>
+inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }  // where torch stores a T
+
+// A Mamba2 mixer's small parameters, typed T (the model dtype), and its sizes.
+template <typename T>
+struct Mixer {
+  const T *conv_w, *conv_b, *dt_bias, *A_log, *D, *norm_w;  // conv_w [conv_dim, k]; conv_b may be null
+  int64_t H, P, N, G, cd, kw, proj;                          // heads, head dim, state, groups, conv_dim, k, in_proj
+  float dt_min, eps;
+};
+
+// One token between in_proj and out_proj: zx [b, proj] float (z | xBC | dt) -> y [b, H*P] float. conv_state
+// [b, cd, k-1] (T) and ssm [b, H, P, N] (float32) are updated in place; xc [b, cd] is scratch.
+template <typename T>
+void mixer_step(const Mixer<T>& m, int64_t Bsz, const float* zx, T* conv_state, float* ssm, float* xc, float* y) {
+  const int64_t di = m.H * m.P, k1 = m.kw - 1;
+  // 1. conv over [cached k-1 columns, new column], SiLU; the window slides by one
+  at::parallel_for(0, Bsz * m.cd, 2048, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / m.cd, c = i % m.cd;
+      T* win = conv_state + i * k1;
+      const T xin = static_cast<T>(zx[b * m.proj + di + c]);
+      const T* w = m.conv_w + c * m.kw;
+      float acc = m.conv_b ? static_cast<float>(m.conv_b[c]) : 0.0f;
+      for (int64_t j = 0; j < k1; j++) acc += static_cast<float>(w[j]) * static_cast<float>(win[j]);
+      acc += static_cast<float>(w[k1]) * static_cast<float>(xin);
+      for (int64_t j = 0; j + 1 < k1; j++) win[j] = win[j + 1];
+      if (k1 > 0) win[k1 - 1] = xin;
+      xc[i] = acc;
+    }
+    silu_inplace(xc + i0, i1 - i0);
+    for (int64_t i = i0; i < i1; i++) xc[i] = round_to<T>(xc[i]);  // the conv output is stored as T in torch
+  });
+  // 2. per (row, head): state = exp(dt A) state + dt x B^T; y = state C + D x
+  const int64_t hpg = m.H / m.G;
+  at::parallel_for(0, Bsz * m.H, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / m.H, h = i % m.H, g = h / hpg;
+      const float dt = std::max(softplus(zx[b * m.proj + di + m.cd + h] + static_cast<float>(m.dt_bias[h])), m.dt_min);
+      const float dA = std::exp(dt * -std::exp(static_cast<float>(m.A_log[h])));
+      const float Dh = static_cast<float>(m.D[h]);
+      const float* x = xc + b * m.cd + h * m.P;
+      const float* Bv = xc + b * m.cd + di + g * m.N;
+      const float* Cv = xc + b * m.cd + di + m.G * m.N + g * m.N;
+      float* s = ssm + i * m.P * m.N;
+      const int64_t N8 = m.N & ~int64_t(7);
+      for (int64_t p = 0; p < m.P; p++, s += m.N) {  // one pass over the state: update and read-out together
+        const float xdt = x[p] * dt;
+        const __m256 vdA = _mm256_set1_ps(dA), vxdt = _mm256_set1_ps(xdt);
+        __m256 acc8 = _mm256_setzero_ps();
+        for (int64_t n = 0; n < N8; n += 8) {
+          const __m256 sn = _mm256_fmadd_ps(_mm256_loadu_ps(s + n), vdA, _mm256_mul_ps(vxdt, _mm256_loadu_ps(Bv + n)));
+          _mm256_storeu_ps(s + n, sn);
+          acc8 = _mm256_fmadd_ps(sn, _mm256_loadu_ps(Cv + n), acc8);
+        }
+        float acc = hsum(acc8);
+        for (int64_t n = N8; n < m.N; n++) {
+          s[n] = s[n] * dA + xdt * Bv[n];
+          acc += s[n] * Cv[n];
+        }
+        y[b * di + h * m.P + p] = acc + Dh * x[p];
+      }
+    }
+  });
+  // 3. gated RMSNorm per group of d_inner / G channels: w * (y silu(z)) / rms(y silu(z))
+  const int64_t gs = di / m.G;
+  for (int64_t b = 0; b < Bsz; b++)
+    for (int64_t g = 0; g < m.G; g++) {
+      float* yg = y + b * di + g * gs;
+      float* gate = xc;  // x, B, C are used up: the scratch holds silu(z)
+      std::copy(zx + b * m.proj + g * gs, zx + b * m.proj + (g + 1) * gs, gate);
+      silu_inplace(gate, gs);
+      float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < gs; j++) {
+        yg[j] *= gate[j];
+        ss += yg[j] * yg[j];
+      }
+      const float r = 1.0f / std::sqrt(ss / gs + m.eps);
+      for (int64_t j = 0; j < gs; j++) yg[j] = static_cast<float>(m.norm_w[g * gs + j]) * (yg[j] * r);
+    }
+}
+
+template <typename T>
+Mixer<T> mixer(const torch::Tensor& ssm_state, const torch::Tensor& conv_w, const c10::optional<torch::Tensor>& conv_b,
+               const torch::Tensor& dt_bias, const torch::Tensor& A_log, const torch::Tensor& D,
+               const torch::Tensor& norm_w, int64_t groups, int64_t proj, double dt_min, double eps) {
+  for (const auto* t : {&conv_w, &dt_bias, &A_log, &D, &norm_w})
+    TORCH_CHECK(t->scalar_type() == c10::CppTypeToScalarType<T>::value && t->is_contiguous(),
+                "mamba: parameters must be contiguous and of the model dtype");
+  TORCH_CHECK(ssm_state.scalar_type() == torch::kFloat32 && ssm_state.is_contiguous() && ssm_state.dim() == 4,
+              "mamba: ssm_state must be a contiguous float32 [b, h, p, n]");
+  return {conv_w.data_ptr<T>(), conv_b.has_value() ? conv_b->data_ptr<T>() : nullptr, dt_bias.data_ptr<T>(),
+          A_log.data_ptr<T>(), D.data_ptr<T>(), norm_w.data_ptr<T>(), ssm_state.size(1), ssm_state.size(2),
+          ssm_state.size(3), groups, conv_w.size(0), conv_w.size(1), proj, static_cast<float>(dt_min),
+          static_cast<float>(eps)};
+}
+
+template <typename T>
+torch::Tensor mamba_step_t(const torch::Tensor& zxbcdt, const torch::Tensor& conv_state, const torch::Tensor& ssm_state,
+                           const Mixer<T>& m) {
+  const int64_t Bsz = zxbcdt.size(0);
+  auto opts = zxbcdt.options().dtype(torch::kFloat32);
+  torch::Tensor zx = zxbcdt.to(torch::kFloat32).contiguous();
+  torch::Tensor xc = torch::empty({Bsz, m.cd}, opts);
+  torch::Tensor y = torch::empty({Bsz, m.H * m.P}, opts);
+  mixer_step(m, Bsz, zx.data_ptr<float>(), conv_state.data_ptr<T>(), ssm_state.data_ptr<float>(),
+             xc.data_ptr<float>(), y.data_ptr<float>());
+  return y;
+}
+
+// Everything of a Mamba layer for one token: residual + out_proj(mixer(in_proj(rmsnorm(x)))), x and residual
+// [b, d] (T), rounding to T where the torch code stores a T (after in_proj, before and after out_proj). The
+// residual is x itself except at hybrid layers, where x has the shared block's output added and the residual not.
+template <typename T>
+torch::Tensor mamba_layer_t(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& ln_w, double ln_eps, const torch::Tensor& in_w,
+                            const torch::Tensor& out_w, const torch::Tensor& conv_state,
+                            const torch::Tensor& ssm_state, const Mixer<T>& m) {
+  const int64_t Bsz = x.size(0), d = x.size(1), di = m.H * m.P;
+  auto opts = x.options().dtype(torch::kFloat32);
+  torch::Tensor h = torch::empty_like(x);
+  rms_norm_impl(x.data_ptr<T>(), ln_w.data_ptr<T>(), h.data_ptr<T>(), Bsz, d, static_cast<float>(ln_eps));
+  torch::Tensor hf = h.to(torch::kFloat32);
+  torch::Tensor zx = torch::empty({Bsz, m.proj}, opts);
+  gemv_impl(in_w.data_ptr<T>(), hf.data_ptr<float>(), zx.data_ptr<float>(), Bsz, m.proj, d);
+  float* zp = zx.data_ptr<float>();
+  for (int64_t i = 0; i < Bsz * m.proj; i++) zp[i] = round_to<T>(zp[i]);
+  torch::Tensor xc = torch::empty({Bsz, m.cd}, opts);
+  torch::Tensor y = torch::empty({Bsz, di}, opts);
+  float* yp = y.data_ptr<float>();
+  mixer_step(m, Bsz, zp, conv_state.data_ptr<T>(), ssm_state.data_ptr<float>(), xc.data_ptr<float>(), yp);
+  for (int64_t i = 0; i < Bsz * di; i++) yp[i] = round_to<T>(yp[i]);
+  torch::Tensor o = torch::empty({Bsz, d}, opts);
+  gemv_impl(out_w.data_ptr<T>(), yp, o.data_ptr<float>(), Bsz, d, di);
+  torch::Tensor out = torch::empty_like(x);
+  const T* xp = residual.data_ptr<T>();
+  const float* op = o.data_ptr<float>();
+  T* outp = out.data_ptr<T>();
+  for (int64_t i = 0; i < Bsz * d; i++) outp[i] = static_cast<T>(static_cast<float>(xp[i]) + round_to<T>(op[i]));
+  return out;
+}
+
+torch::Tensor mamba_step(const torch::Tensor& zxbcdt, const torch::Tensor& conv_state, const torch::Tensor& ssm_state,
+                         const torch::Tensor& conv_w, const c10::optional<torch::Tensor>& conv_b,
+                         const torch::Tensor& dt_bias, const torch::Tensor& A_log, const torch::Tensor& D,
+                         const torch::Tensor& norm_w, int64_t groups, double dt_min, double eps) {
+  // zxbcdt [b, in_proj]; conv_state [b, conv_dim, k-1] and the parameters in the model dtype, ssm_state
+  // [b, h, p, n] float32 (both states updated in place) -> y [b, d_inner] float32
+  TORCH_CHECK(zxbcdt.dim() == 2 && conv_state.is_contiguous(), "mamba_step: zxbcdt [b, in_proj], contiguous states");
+  if (conv_state.scalar_type() == torch::kFloat32)
+    return mamba_step_t(zxbcdt, conv_state, ssm_state, mixer<float>(ssm_state, conv_w, conv_b, dt_bias, A_log, D,
+                                                                    norm_w, groups, zxbcdt.size(1), dt_min, eps));
+  TORCH_CHECK(conv_state.scalar_type() == torch::kBFloat16, "mamba_step: float32 or bfloat16");
+  return mamba_step_t(zxbcdt, conv_state, ssm_state, mixer<at::BFloat16>(ssm_state, conv_w, conv_b, dt_bias, A_log,
+                                                                         D, norm_w, groups, zxbcdt.size(1), dt_min, eps));
+}
+
+torch::Tensor mamba_layer(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& ln_w, double ln_eps, const torch::Tensor& in_w,
+                          const torch::Tensor& out_w, const torch::Tensor& conv_state, const torch::Tensor& ssm_state,
+                          const torch::Tensor& conv_w, const c10::optional<torch::Tensor>& conv_b,
+                          const torch::Tensor& dt_bias, const torch::Tensor& A_log, const torch::Tensor& D,
+                          const torch::Tensor& norm_w, int64_t groups, double dt_min, double eps) {
+  // residual and x [b, d], every weight and conv_state in x's dtype (float32 or bfloat16), contiguous -> [b, d]
+  for (const auto* t : {&residual, &x, &ln_w, &in_w, &out_w, &conv_state})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->is_contiguous(), "mamba_layer: contiguous, x's dtype");
+  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && in_w.size(1) == x.size(1) && out_w.size(0) == x.size(1),
+              "mamba_layer: shapes");
+  if (x.scalar_type() == torch::kFloat32)
+    return mamba_layer_t(residual, x, ln_w, ln_eps, in_w, out_w, conv_state, ssm_state,
+                         mixer<float>(ssm_state, conv_w, conv_b, dt_bias, A_log, D, norm_w, groups, in_w.size(0),
+                                      dt_min, eps));
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "mamba_layer: float32 or bfloat16");
+  return mamba_layer_t(residual, x, ln_w, ln_eps, in_w, out_w, conv_state, ssm_state,
+                       mixer<at::BFloat16>(ssm_state, conv_w, conv_b, dt_bias, A_log, D, norm_w, groups, in_w.size(0),
+                                           dt_min, eps));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "y = x @ W.T for a few rows of x (decode)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
+  m.def("mamba_step", &mamba_step, "one Mamba2 decode step between in_proj and out_proj");
+  m.def("mamba_layer", &mamba_layer, "one Mamba layer (norm, in_proj, mixer, out_proj, residual) for one token");
+}
