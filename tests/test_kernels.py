@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import zamba2
 from zamba2 import kernels
-from zamba2.model import RMSNorm
+from zamba2.model import RMSNorm, plain
 
 from conftest import random_model
 
@@ -65,28 +65,39 @@ def test_rms_norm_equals_torch(k, torch_only, dtype):
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
-def decode(model, prompt, steps):
+def decode(model, prompt, steps, mask=None):
     """Logits of `steps` greedy decode tokens after `prompt` [b,t], and the cache at the end."""
     cache = model.new_cache(prompt.shape[0], capacity=prompt.shape[1] + steps)
     out = []
     with torch.inference_mode():
-        logits = model(prompt, cache=cache, logits_to_keep=1)
+        logits = model(prompt, attention_mask=mask, cache=cache, logits_to_keep=1)
         for _ in range(steps):
             logits = model(logits[:, -1].argmax(-1)[:, None], cache=cache, logits_to_keep=1)
             out.append(logits[:, -1].float())
     return torch.stack(out, 1), cache
 
 
+SHAPES = {  # the 1.2B-like default (RoPE, q/k/v adapters, two shared blocks, 2 groups); a 2.7B/7B-like variant
+    "rope+adapters": {},
+    "gqa, no rope, mlp adapter, silu": dict(use_mem_rope=False, num_key_value_heads=2, use_shared_mlp_adapter=True,
+                                            hidden_act="silu", mamba_ngroups=1),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_decode_equals_torch_code(k, torch_only, dtype, batch):
-    """Every layer kind (plain and hybrid Mamba layers, two shared blocks, 2 groups, conv bias) over steps that
-    cross chunk boundaries: logits and every cached state stay equal to the torch code's."""
-    model = random_model(use_conv_bias=True).to(dtype)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode_equals_torch_code(k, torch_only, dtype, batch, shape):
+    """Every layer kind (plain and hybrid Mamba layers, shared blocks with their adapters) over steps that cross
+    chunk boundaries: logits and every cached state stay equal to the torch code's. Batches of 3 are
+    left-padded, so attention must skip the padding slots."""
+    model = random_model(use_conv_bias=True, **SHAPES[shape]).to(dtype)
     prompt = torch.randint(0, model.config.vocab_size, (batch, 11))
-    fast, fast_cache = decode(model, prompt, 20)
+    mask = torch.ones_like(prompt)
+    mask[1:, :3] = 0
+    fast, fast_cache = decode(model, prompt, 20, mask)
     with torch_only:
-        ref, ref_cache = decode(model, prompt, 20)
+        ref, ref_cache = decode(model, prompt, 20, mask)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
     torch.testing.assert_close(fast, ref, **tol)
     for a, b in zip(fast_cache.ssm + fast_cache.conv, ref_cache.ssm + ref_cache.conv):
@@ -108,7 +119,7 @@ def test_decode_of_int8_and_lora_models_uses_the_mixer_step(k, torch_only):
                 p.normal_(0, 0.1)
     int8 = zamba2.quantize_int8(random_model(hidden_size=64, intermediate_size=128))
     for model in (lora, int8):
-        assert not any(layer.fused for layer in model.layers)
+        assert not any(plain(layer.mamba.in_proj) for layer in model.layers)
         prompt = torch.randint(0, model.config.vocab_size, (2, 9))
         fast, _ = decode(model, prompt, 12)
         with torch_only:

@@ -201,8 +201,11 @@ class SharedAttention(nn.Module):
 
 
 class SharedMLP(nn.Module):
+    ACTS = ("gelu", "silu", "gelu_pytorch_tanh")  # the decode kernel's act codes, in order
+
     def __init__(self, c: Config):
         super().__init__()
+        self.act_code = self.ACTS.index(c.hidden_act)
         self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.add_bias_linear)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.add_bias_linear)
         self.act = {"gelu": F.gelu, "silu": F.silu,
@@ -279,25 +282,53 @@ class Layer(nn.Module):
                 self.mlp_adapter = adapter(c.hidden_size, r, 2 * c.intermediate_size)
 
     def forward(self, x: Tensor, ctx: "_Context", shared: nn.ModuleList) -> Tensor:
-        u = x
-        if self.visit is not None:
-            u = x + self.linear(shared[self.block](torch.cat([x, ctx.embeddings], dim=-1), self, ctx))
+        k = ctx.decode_kernels  # decode on the CPU: the plain parts run as compiled calls (kernels.py)
         cache = ctx.cache
         conv = cache.conv[self.index] if cache is not None else None
         ssm = cache.ssm[self.index] if cache is not None else None
-        if ctx.decode_kernels is not None and self.fused:  # decode: the whole layer in one compiled call
-            b, _, d = x.shape
-            mx = self.mamba
-            return ctx.decode_kernels.mamba_layer(
-                x.view(b, d), u.view(b, d), self.input_layernorm.weight, self.input_layernorm.eps, mx.in_proj.weight,
-                mx.out_proj.weight, conv, ssm, *mx.step_params()).view(b, 1, d)
-        return x + self.mamba(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm, ctx.doc)  # residual is x, not u
-
-    @property
-    def fused(self) -> bool:
-        """Whether mamba_layer can run this layer: plain projections without bias (not int8 or LoRA)."""
+        u = x
+        if self.visit is not None:
+            block = shared[self.block]
+            if k is not None and self.plain_visit(block):
+                u = self.shared_step(x, block, ctx, k)
+            else:
+                u = x + self.linear(block(torch.cat([x, ctx.embeddings], dim=-1), self, ctx))
         mx = self.mamba
-        return all(type(p) is Linear and p.bias is None for p in (mx.in_proj, mx.out_proj))
+        if k is not None and plain(mx.in_proj, mx.out_proj):
+            b, _, d = x.shape
+            norm = self.input_layernorm
+            return k.mamba_layer(x.view(b, d), u.view(b, d), norm.weight, norm.eps, mx.in_proj.weight,
+                                 mx.out_proj.weight, conv, ssm, *mx.step_params()).view(b, 1, d)
+        return x + mx(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm, ctx.doc)  # residual is x, not u
+
+    def adapters(self) -> list:
+        return [m for a in (self.q_adapter, self.k_adapter, self.v_adapter, self.mlp_adapter) if a is not None for m in a]
+
+    def plain_visit(self, block: "SharedBlock") -> bool:
+        att, mlp = block.self_attn, block.feed_forward
+        return plain(att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj, self.linear,
+                     *self.adapters())
+
+    def shared_step(self, x: Tensor, block: "SharedBlock", ctx: "_Context", k) -> Tensor:
+        """x + linear(block(concat(x, embeddings))) for one decode token [b,1,d], in one compiled call."""
+        b, _, d = x.shape
+        att, mlp = block.self_attn, block.feed_forward
+        pairs = (self.q_adapter, self.k_adapter, self.v_adapter, self.mlp_adapter)
+        adapters = [w for a in pairs for w in ((a[0].weight, a[1].weight) if a is not None else (None, None))]
+        cos, sin = (t.view(b, -1) for t in ctx.rope) if ctx.rope is not None else (None, None)
+        cache = ctx.cache
+        u = k.shared_block(
+            x.view(b, d), ctx.embeddings.view(b, d), [block.input_layernorm.weight, block.pre_ff_layernorm.weight],
+            block.input_layernorm.eps, [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight, att.o_proj.weight,
+                                        mlp.gate_up_proj.weight, mlp.down_proj.weight, self.linear.weight],
+            adapters if any(a is not None for a in pairs) else [], cos, sin, cache.keys[self.index],
+            cache.values[self.index], ctx.start, cache.valid, att.heads, att.scale, mlp.act_code)
+        return u.view(b, 1, d)
+
+
+def plain(*linears: nn.Module) -> bool:
+    """Whether the compiled decode can use these projections as they are: Linear without bias (not int8 or LoRA)."""
+    return all(type(m) is Linear and m.bias is None for m in linears)
 
 
 class _Context:

@@ -337,11 +337,193 @@ torch::Tensor mamba_layer(const torch::Tensor& residual, const torch::Tensor& x,
                                            dt_min, eps));
 }
 
+
+// y [R, N] (T) = x [R, K] (T) @ w.T (+ the rank-r adapter up(down(x)), each product stored as T like torch).
+template <typename T>
+torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor* down, const torch::Tensor* up) {
+  const int64_t R = x.size(0);
+  torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+  torch::Tensor y = torch::empty({R, w.size(0)}, xf.options());
+  gemv_impl(w.data_ptr<T>(), xf.data_ptr<float>(), y.data_ptr<float>(), R, w.size(0), w.size(1));
+  torch::Tensor out = y.to(x.scalar_type());
+  if (down != nullptr) {
+    torch::Tensor r = torch::empty({R, down->size(0)}, xf.options());
+    gemv_impl(down->data_ptr<T>(), xf.data_ptr<float>(), r.data_ptr<float>(), R, down->size(0), down->size(1));
+    torch::Tensor rf = r.to(x.scalar_type()).to(torch::kFloat32);
+    torch::Tensor a = torch::empty({R, up->size(0)}, xf.options());
+    gemv_impl(up->data_ptr<T>(), rf.data_ptr<float>(), a.data_ptr<float>(), R, up->size(0), up->size(1));
+    out = out + a.to(x.scalar_type());
+  }
+  return out;
+}
+
+// erf to ~1.5e-7 (Abramowitz & Stegun 7.1.26) on 8 lanes, for the exact (erf) GELU
+inline __m256 erf8(__m256 x) {
+  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, _mm256_set1_ps(1.0f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(c));
+  p = _mm256_mul_ps(p, t);
+  const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
+  return _mm256_or_ps(sign, _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f)));
+}
+
+// act(gate) * up over [R, 2I] = [gate | up] rows -> [R, I]; act 0: erf GELU, 1: SiLU, 2: tanh GELU
+template <typename T>
+torch::Tensor glu(const torch::Tensor& gu, int64_t act) {
+  const int64_t R = gu.size(0), I = gu.size(1) / 2;
+  torch::Tensor f = gu.to(torch::kFloat32).contiguous();
+  torch::Tensor out = torch::empty({R, I}, f.options());
+  for (int64_t r = 0; r < R; r++) {
+    const float* g = f.data_ptr<float>() + r * 2 * I;
+    float* o = out.data_ptr<float>() + r * I;
+    int64_t i = 0;
+    for (; act != 2 && i + 8 <= I; i += 8) {
+      const __m256 x = _mm256_loadu_ps(g + i);
+      const __m256 a = act == 0 ? _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x),
+                                                _mm256_add_ps(_mm256_set1_ps(1.0f), erf8(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)))))
+                                : _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+      _mm256_storeu_ps(o + i, a);
+    }
+    for (; i < I; i++) {
+      const float x = g[i];
+      o[i] = act == 0 ? 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f))
+           : act == 1 ? silu(x)
+           : 0.5f * x * (1.0f + std::tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    }
+    for (i = 0; i < I; i++) o[i] = round_to<T>(round_to<T>(o[i]) * g[I + i]);  // act(gate) in T, times up in T
+  }
+  return out.to(gu.scalar_type());
+}
+
+// One decode token through a shared transformer block at a hybrid layer, and that layer's linear:
+// x + linear(block(concat(x, emb))). Writes this token's rotated k and v at `slot` of the layer's KV cache and
+// attends over slots [0, slot] where `valid`. ws: q, k, v, o, gate_up, down, linear weights; adapters: empty or
+// (q_down, q_up, k_down, k_up, v_down, v_up, mlp_down, mlp_up), any pair of which may be None.
+template <typename T>
+torch::Tensor shared_block_t(const torch::Tensor& x, const torch::Tensor& emb, const std::vector<torch::Tensor>& norms,
+                             double eps, const std::vector<torch::Tensor>& ws, const std::vector<c10::optional<torch::Tensor>>& ad,
+                             const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& kc,
+                             const torch::Tensor& vc, int64_t slot, const torch::Tensor& valid, int64_t heads,
+                             double scale, int64_t act) {
+  const int64_t Bsz = x.size(0), kvh = kc.size(1), hd = kc.size(3), L = slot + 1, rep = heads / kvh;
+  auto adapter = [&](int64_t i) -> const torch::Tensor* { return ad.empty() || !ad[i].has_value() ? nullptr : &*ad[i]; };
+  torch::Tensor hcat = torch::cat({x, emb}, 1).contiguous();
+  torch::Tensor h = torch::empty_like(hcat);
+  rms_norm_impl(hcat.data_ptr<T>(), norms[0].data_ptr<T>(), h.data_ptr<T>(), Bsz, hcat.size(1), static_cast<float>(eps));
+  torch::Tensor q = project<T>(h, ws[0], adapter(0), adapter(1));
+  torch::Tensor k = project<T>(h, ws[1], adapter(2), adapter(3));
+  torch::Tensor v = project<T>(h, ws[2], adapter(4), adapter(5));
+
+  // RoPE (rotate-half) in T, then k and v into the cache
+  auto rope = [&](torch::Tensor& t, int64_t nh) {
+    const T* cp = cos.data_ptr<T>();
+    const T* sp = sin.data_ptr<T>();
+    T* d = t.data_ptr<T>();
+    std::vector<float> row(hd);
+    for (int64_t b = 0; b < Bsz; b++)
+      for (int64_t i = 0; i < nh; i++) {
+        T* r = d + (b * nh + i) * hd;
+        for (int64_t j = 0; j < hd; j++) row[j] = static_cast<float>(r[j]);
+        for (int64_t j = 0; j < hd; j++) {
+          const float rot = j < hd / 2 ? -row[j + hd / 2] : row[j - hd / 2];
+          const float c = static_cast<float>(cp[b * hd + j]), s = static_cast<float>(sp[b * hd + j]);
+          r[j] = static_cast<T>(round_to<T>(row[j] * c) + round_to<T>(rot * s));
+        }
+      }
+  };
+  if (cos.defined()) {
+    rope(q, heads);
+    rope(k, kvh);
+  }
+  T* K = kc.data_ptr<T>();
+  T* V = vc.data_ptr<T>();
+  const int64_t s0 = kc.stride(0), s1 = kc.stride(1), s2 = kc.stride(2);
+  for (int64_t b = 0; b < Bsz; b++)
+    for (int64_t i = 0; i < kvh; i++) {
+      std::copy(k.data_ptr<T>() + (b * kvh + i) * hd, k.data_ptr<T>() + (b * kvh + i + 1) * hd, K + b * s0 + i * s1 + slot * s2);
+      std::copy(v.data_ptr<T>() + (b * kvh + i) * hd, v.data_ptr<T>() + (b * kvh + i + 1) * hd, V + b * s0 + i * s1 + slot * s2);
+    }
+
+  // attention of the one query over the valid slots, per (row, head); float inside, stored as T
+  torch::Tensor att = torch::empty({Bsz, heads * hd}, x.options());
+  const bool* ok = valid.data_ptr<bool>();
+  const int64_t vs = valid.stride(0);
+  at::parallel_for(0, Bsz * heads, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(L), qf(hd), o(hd);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / heads, hh = i % heads, g = hh / rep;
+      const T* qr = q.data_ptr<T>() + (b * heads + hh) * hd;
+      for (int64_t j = 0; j < hd; j++) qf[j] = static_cast<float>(qr[j]);
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < L; t++) {
+        if (!ok[b * vs + t] && t != slot) { p[t] = -INFINITY; continue; }
+        const T* kr = K + b * s0 + g * s1 + t * s2;
+        float d = 0.0f;
+        for (int64_t j = 0; j < hd; j++) d += qf[j] * static_cast<float>(kr[j]);
+        p[t] = d * static_cast<float>(scale);
+        mx = std::max(mx, p[t]);
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < L; t++) sum += (p[t] = std::exp(p[t] - mx));
+      std::fill(o.begin(), o.end(), 0.0f);
+      for (int64_t t = 0; t < L; t++) {
+        if (p[t] == 0.0f) continue;
+        const T* vr = V + b * s0 + g * s1 + t * s2;
+        const float w = p[t] / sum;
+        for (int64_t j = 0; j < hd; j++) o[j] += w * static_cast<float>(vr[j]);
+      }
+      T* ar = att.data_ptr<T>() + (b * heads + hh) * hd;
+      for (int64_t j = 0; j < hd; j++) ar[j] = static_cast<T>(o[j]);
+    }
+  });
+
+  torch::Tensor o = project<T>(att, ws[3], nullptr, nullptr);
+  torch::Tensor g = torch::empty_like(o);
+  rms_norm_impl(o.data_ptr<T>(), norms[1].data_ptr<T>(), g.data_ptr<T>(), Bsz, o.size(1), static_cast<float>(eps));
+  torch::Tensor gu = project<T>(g, ws[4], adapter(6), adapter(7));
+  torch::Tensor mlp = project<T>(glu<T>(gu, act), ws[5], nullptr, nullptr);
+  return x + project<T>(mlp, ws[6], nullptr, nullptr);
+}
+
+torch::Tensor shared_block(const torch::Tensor& x, const torch::Tensor& emb, const std::vector<torch::Tensor>& norms,
+                           double eps, const std::vector<torch::Tensor>& ws,
+                           const std::vector<c10::optional<torch::Tensor>>& adapters,
+                           const c10::optional<torch::Tensor>& cos, const c10::optional<torch::Tensor>& sin,
+                           const torch::Tensor& k_cache, const torch::Tensor& v_cache, int64_t slot,
+                           const torch::Tensor& valid, int64_t heads, double scale, int64_t act) {
+  // x, emb [b, d]; norms (input [2d], pre-ff [d]); cos/sin [b, head_dim] or None (no RoPE); k/v_cache
+  // [b, kv, capacity, head_dim] with unit stride last; valid [b, >= slot+1] bool; all of x's dtype -> [b, d]
+  TORCH_CHECK(x.dim() == 2 && emb.sizes() == x.sizes() && norms.size() == 2 && ws.size() == 7 &&
+              (adapters.empty() || adapters.size() == 8), "shared_block: arguments");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides() && slot < k_cache.size(2) &&
+              valid.scalar_type() == torch::kBool && valid.stride(1) == 1 && valid.size(1) > slot,
+              "shared_block: cache layout");
+  std::vector<const torch::Tensor*> all = {&x, &emb, &k_cache, &v_cache};
+  for (const auto& t : norms) all.push_back(&t);
+  for (const auto& t : ws) all.push_back(&t);
+  for (const auto& t : adapters)
+    if (t.has_value()) all.push_back(&*t);
+  for (const auto* t : all) TORCH_CHECK(t->scalar_type() == x.scalar_type(), "shared_block: one dtype");
+  for (size_t i = 2; i < all.size(); i++)
+    TORCH_CHECK(i < 4 || all[i]->is_contiguous(), "shared_block: contiguous weights");
+  const torch::Tensor c = cos.has_value() ? cos->contiguous() : torch::Tensor();
+  const torch::Tensor s = sin.has_value() ? sin->contiguous() : torch::Tensor();
+  if (x.scalar_type() == torch::kFloat32)
+    return shared_block_t<float>(x.contiguous(), emb.contiguous(), norms, eps, ws, adapters, c, s, k_cache, v_cache,
+                                 slot, valid, heads, scale, act);
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "shared_block: float32 or bfloat16");
+  return shared_block_t<at::BFloat16>(x.contiguous(), emb.contiguous(), norms, eps, ws, adapters, c, s, k_cache,
+                                      v_cache, slot, valid, heads, scale, act);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x @ W.T for a few rows of x (decode)");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
   m.def("mamba_step", &mamba_step, "one Mamba2 decode step between in_proj and out_proj");
+  m.def("shared_block", &shared_block, "one token through a shared block and its hybrid layer's linear");
   m.def("mamba_layer", &mamba_layer, "one Mamba layer (norm, in_proj, mixer, out_proj, residual) for one token");
 }
