@@ -297,8 +297,8 @@ class Layer(nn.Module):
         if k is not None and plain(mx.in_proj, mx.out_proj):
             b, _, d = x.shape
             norm = self.input_layernorm
-            return k.mamba_layer(x.view(b, d), u.view(b, d), norm.weight, norm.eps, mx.in_proj.weight,
-                                 mx.out_proj.weight, conv, ssm, *mx.step_params()).view(b, 1, d)
+            return k.mamba_layer(x.view(b, d), u.view(b, d), norm.weight, norm.eps, weight(mx.in_proj),
+                                 weight(mx.out_proj), conv, ssm, *mx.step_params()).view(b, 1, d)
         return x + mx(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm, ctx.doc)  # residual is x, not u
 
     def adapters(self) -> list:
@@ -314,21 +314,29 @@ class Layer(nn.Module):
         b, _, d = x.shape
         att, mlp = block.self_attn, block.feed_forward
         pairs = (self.q_adapter, self.k_adapter, self.v_adapter, self.mlp_adapter)
-        adapters = [w for a in pairs for w in ((a[0].weight, a[1].weight) if a is not None else (None, None))]
+        adapters = [w for a in pairs for w in ((weight(a[0]), weight(a[1])) if a is not None else (None, None))]
         cos, sin = (t.view(b, -1) for t in ctx.rope) if ctx.rope is not None else (None, None)
         cache = ctx.cache
         u = k.shared_block(
             x.view(b, d), ctx.embeddings.view(b, d), [block.input_layernorm.weight, block.pre_ff_layernorm.weight],
-            block.input_layernorm.eps, [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight, att.o_proj.weight,
-                                        mlp.gate_up_proj.weight, mlp.down_proj.weight, self.linear.weight],
+            block.input_layernorm.eps, [weight(m) for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj,
+                                                            mlp.gate_up_proj, mlp.down_proj, self.linear)],
             adapters if any(a is not None for a in pairs) else [], cos, sin, cache.keys[self.index],
             cache.values[self.index], ctx.start, cache.valid, att.heads, att.scale, mlp.act_code)
         return u.view(b, 1, d)
 
 
-def plain(*linears: nn.Module) -> bool:
-    """Whether the compiled decode can use these projections as they are: Linear without bias (not int8 or LoRA)."""
-    return all(type(m) is Linear and m.bias is None for m in linears)
+FUSABLE = {Linear}  # projection types the compiled decode reads directly; quant.py adds Int8Linear
+
+
+def plain(*projections: nn.Module) -> bool:
+    """Whether the compiled decode can read these projections' weights itself (no bias, not LoRA)."""
+    return all(type(m) in FUSABLE and m.bias is None for m in projections)
+
+
+def weight(m: nn.Module) -> tuple:
+    """(weight, scale per row or None) of a plain projection, as the compiled decode takes it."""
+    return m.weight, getattr(m, "scale", None)
 
 
 class _Context:

@@ -6,6 +6,10 @@ int8 weights dequantised on the fly inside the kernel); it is fast for few rows 
 slower than a float32 GEMM for long prefills. The embedding stays in the model dtype (a lookup reads one
 row per token); the LM head gets its own int8 copy of it when the two are tied.
 
+For a few rows (decode) the matmuls are instead those of kernels.py, which read the int8 rows at the
+memory's speed inside the compiled decode layers; they round inputs and outputs to bfloat16 as the torch
+kernel does.
+
 The accuracy cost (logit error, perplexity change) is measured by bench/quant.py.
 """
 
@@ -14,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .model import Linear, Zamba2LM
+from . import kernels
+from .model import FEW_ROWS, FUSABLE, Linear, Zamba2LM
 
 
 class Int8Linear(nn.Module):
@@ -28,9 +33,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()  # the kernel assumes row-major
-        y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
+        if x2.shape[0] <= FEW_ROWS and (k := kernels.get(x)) is not None:  # decode: the streaming GEMV
+            y = k.gemv(self.weight, x2.float(), self.scale)  # rounds to bfloat16 as the torch kernel does
+        else:
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scale)
         y = y.to(x.dtype).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+
+FUSABLE.add(Int8Linear)  # the compiled decode layers read int8 weights and their scales themselves
 
 
 @torch.no_grad()

@@ -3,9 +3,9 @@
 // gemv: y[r, n] = sum_k W[n, k] x[r, k] for a handful of rows r. Decode reads every weight once per token,
 //   so this is a streaming read of W: both cores read their half of W's rows, each row once, while the
 //   x rows stay in L1/L2. MKL's GEMV reached 12-18 GB/s on Zamba2's decode shapes where a plain 2-thread
-//   read of the same memory reaches ~39 GB/s (bench/compare.py measures both). W may be bfloat16: its
-//   elements widen to float32 exactly (a 16-bit shift), so bf16 decode reads half the bytes at float32
-//   arithmetic.
+//   read of the same memory reaches ~35 GB/s (bench/compare.py measures both). W may be bfloat16 (its
+//   elements widen to float32 exactly, a 16-bit shift) or int8 with a scale per row, so bf16 and int8
+//   decode read a half and a quarter of the bytes, with float32 arithmetic.
 // mamba_step: everything a Mamba2 mixer does to one token between in_proj and out_proj (depthwise conv
 //   over the cached window, SiLU, softplus(dt), the SSM state update and read-out, D skip, gated RMSNorm)
 //   in one call instead of ~40 small torch ops; mamba_layer adds the layer's RMSNorm, both projections and
@@ -23,6 +23,9 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {  // bf16 -> fp32 is the bf16 bits in the upper half
   __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -87,19 +90,46 @@ void gemv_impl(const W* w, const float* x, float* y, int64_t R, int64_t N, int64
   });
 }
 
-torch::Tensor gemv(const torch::Tensor& weight, const torch::Tensor& x) {
-  // weight [N, K] float32 or bfloat16, contiguous; x [R, K] float32 contiguous -> [R, N] float32
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "gemv: weight must be a contiguous matrix");
+template <typename T>
+inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }  // where torch stores a T
+
+// A projection weight as the model holds it: [N, K] in the model dtype, or int8 with a scale per row
+// (quant.Int8Linear, whose torch kernel takes and returns bfloat16: the rounding is kept here).
+using Weight = std::tuple<torch::Tensor, c10::optional<torch::Tensor>>;
+
+void check(const Weight& wt, torch::ScalarType dtype) {
+  const torch::Tensor& w = std::get<0>(wt);
+  const bool int8 = w.scalar_type() == torch::kInt8;
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weights must be contiguous matrices");
+  TORCH_CHECK(int8 || w.scalar_type() == dtype, "weights must be int8 or of the activations' dtype");
+  TORCH_CHECK(int8 == std::get<1>(wt).has_value() && (!int8 || std::get<1>(wt)->numel() == w.size(0)),
+              "int8 weights (and only they) need a scale per row");
+}
+
+// y [R, N] = x [R, K] @ W.T, in float32
+void matvec(const Weight& wt, const float* x, float* y, int64_t R) {
+  const torch::Tensor& w = std::get<0>(wt);
+  const int64_t N = w.size(0), K = w.size(1);
+  if (w.scalar_type() == torch::kFloat32) return gemv_impl(w.data_ptr<float>(), x, y, R, N, K);
+  if (w.scalar_type() == torch::kBFloat16) return gemv_impl(w.data_ptr<at::BFloat16>(), x, y, R, N, K);
+  TORCH_CHECK(w.scalar_type() == torch::kInt8, "weights must be float32, bfloat16 or int8");
+  std::vector<float> xb(x, x + R * K);
+  for (float& v : xb) v = round_to<at::BFloat16>(v);
+  gemv_impl(w.data_ptr<int8_t>(), xb.data(), y, R, N, K);
+  const torch::Tensor scale = std::get<1>(wt)->to(torch::kFloat32).contiguous();
+  const float* sp = scale.data_ptr<float>();
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t n = 0; n < N; n++) y[r * N + n] = round_to<at::BFloat16>(y[r * N + n] * sp[n]);
+}
+
+torch::Tensor gemv(const torch::Tensor& weight, const torch::Tensor& x, const c10::optional<torch::Tensor>& scale) {
+  // weight [N, K] float32, bfloat16, or int8 with a scale per row; x [R, K] float32 contiguous -> [R, N] float32
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32, "gemv: x must be [R, K] f32");
-  const int64_t N = weight.size(0), K = weight.size(1), R = x.size(0);
-  TORCH_CHECK(x.size(1) == K, "gemv: x has ", x.size(1), " columns, weight has ", K);
-  torch::Tensor y = torch::empty({R, N}, x.options());
-  if (weight.scalar_type() == torch::kFloat32)
-    gemv_impl(weight.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), R, N, K);
-  else if (weight.scalar_type() == torch::kBFloat16)
-    gemv_impl(weight.data_ptr<at::BFloat16>(), x.data_ptr<float>(), y.data_ptr<float>(), R, N, K);
-  else
-    TORCH_CHECK(false, "gemv: weight dtype must be float32 or bfloat16");
+  const Weight wt{weight, scale};
+  check(wt, weight.scalar_type());
+  TORCH_CHECK(x.size(1) == weight.size(1), "gemv: x has ", x.size(1), " columns, weight has ", weight.size(1));
+  torch::Tensor y = torch::empty({x.size(0), weight.size(0)}, x.options());
+  matvec(wt, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0));
   return y;
 }
 
@@ -159,9 +189,6 @@ inline void silu_inplace(float* v, int64_t n) {
 }
 
 inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }  // torch's threshold
-
-template <typename T>
-inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }  // where torch stores a T
 
 // A Mamba2 mixer's small parameters, typed T (the model dtype), and its sizes.
 template <typename T>
@@ -275,8 +302,8 @@ torch::Tensor mamba_step_t(const torch::Tensor& zxbcdt, const torch::Tensor& con
 // [b, d] (T), rounding to T where the torch code stores a T (after in_proj, before and after out_proj). The
 // residual is x itself except at hybrid layers, where x has the shared block's output added and the residual not.
 template <typename T>
-torch::Tensor mamba_layer_t(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& ln_w, double ln_eps, const torch::Tensor& in_w,
-                            const torch::Tensor& out_w, const torch::Tensor& conv_state,
+torch::Tensor mamba_layer_t(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& ln_w,
+                            double ln_eps, const Weight& in_w, const Weight& out_w, const torch::Tensor& conv_state,
                             const torch::Tensor& ssm_state, const Mixer<T>& m) {
   const int64_t Bsz = x.size(0), d = x.size(1), di = m.H * m.P;
   auto opts = x.options().dtype(torch::kFloat32);
@@ -284,7 +311,7 @@ torch::Tensor mamba_layer_t(const torch::Tensor& residual, const torch::Tensor& 
   rms_norm_impl(x.data_ptr<T>(), ln_w.data_ptr<T>(), h.data_ptr<T>(), Bsz, d, static_cast<float>(ln_eps));
   torch::Tensor hf = h.to(torch::kFloat32);
   torch::Tensor zx = torch::empty({Bsz, m.proj}, opts);
-  gemv_impl(in_w.data_ptr<T>(), hf.data_ptr<float>(), zx.data_ptr<float>(), Bsz, m.proj, d);
+  matvec(in_w, hf.data_ptr<float>(), zx.data_ptr<float>(), Bsz);
   float* zp = zx.data_ptr<float>();
   for (int64_t i = 0; i < Bsz * m.proj; i++) zp[i] = round_to<T>(zp[i]);
   torch::Tensor xc = torch::empty({Bsz, m.cd}, opts);
@@ -293,7 +320,7 @@ torch::Tensor mamba_layer_t(const torch::Tensor& residual, const torch::Tensor& 
   mixer_step(m, Bsz, zp, conv_state.data_ptr<T>(), ssm_state.data_ptr<float>(), xc.data_ptr<float>(), yp);
   for (int64_t i = 0; i < Bsz * di; i++) yp[i] = round_to<T>(yp[i]);
   torch::Tensor o = torch::empty({Bsz, d}, opts);
-  gemv_impl(out_w.data_ptr<T>(), yp, o.data_ptr<float>(), Bsz, d, di);
+  matvec(out_w, yp, o.data_ptr<float>(), Bsz);
   torch::Tensor out = torch::empty_like(x);
   const T* xp = residual.data_ptr<T>();
   const float* op = o.data_ptr<float>();
@@ -317,41 +344,45 @@ torch::Tensor mamba_step(const torch::Tensor& zxbcdt, const torch::Tensor& conv_
                                                                          D, norm_w, groups, zxbcdt.size(1), dt_min, eps));
 }
 
-torch::Tensor mamba_layer(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& ln_w, double ln_eps, const torch::Tensor& in_w,
-                          const torch::Tensor& out_w, const torch::Tensor& conv_state, const torch::Tensor& ssm_state,
+torch::Tensor mamba_layer(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& ln_w,
+                          double ln_eps, const Weight& in_w, const Weight& out_w, const torch::Tensor& conv_state,
+                          const torch::Tensor& ssm_state,
                           const torch::Tensor& conv_w, const c10::optional<torch::Tensor>& conv_b,
                           const torch::Tensor& dt_bias, const torch::Tensor& A_log, const torch::Tensor& D,
                           const torch::Tensor& norm_w, int64_t groups, double dt_min, double eps) {
   // residual and x [b, d], every weight and conv_state in x's dtype (float32 or bfloat16), contiguous -> [b, d]
-  for (const auto* t : {&residual, &x, &ln_w, &in_w, &out_w, &conv_state})
+  for (const auto* t : {&residual, &x, &ln_w, &conv_state})
     TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->is_contiguous(), "mamba_layer: contiguous, x's dtype");
-  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && in_w.size(1) == x.size(1) && out_w.size(0) == x.size(1),
-              "mamba_layer: shapes");
+  check(in_w, x.scalar_type());
+  check(out_w, x.scalar_type());
+  const int64_t proj = std::get<0>(in_w).size(0);
+  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && std::get<0>(in_w).size(1) == x.size(1) &&
+              std::get<0>(out_w).size(0) == x.size(1), "mamba_layer: shapes");
   if (x.scalar_type() == torch::kFloat32)
     return mamba_layer_t(residual, x, ln_w, ln_eps, in_w, out_w, conv_state, ssm_state,
-                         mixer<float>(ssm_state, conv_w, conv_b, dt_bias, A_log, D, norm_w, groups, in_w.size(0),
+                         mixer<float>(ssm_state, conv_w, conv_b, dt_bias, A_log, D, norm_w, groups, proj,
                                       dt_min, eps));
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "mamba_layer: float32 or bfloat16");
   return mamba_layer_t(residual, x, ln_w, ln_eps, in_w, out_w, conv_state, ssm_state,
-                       mixer<at::BFloat16>(ssm_state, conv_w, conv_b, dt_bias, A_log, D, norm_w, groups, in_w.size(0),
+                       mixer<at::BFloat16>(ssm_state, conv_w, conv_b, dt_bias, A_log, D, norm_w, groups, proj,
                                            dt_min, eps));
 }
 
 
 // y [R, N] (T) = x [R, K] (T) @ w.T (+ the rank-r adapter up(down(x)), each product stored as T like torch).
 template <typename T>
-torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor* down, const torch::Tensor* up) {
+torch::Tensor project(const torch::Tensor& x, const Weight& w, const Weight* down, const Weight* up) {
   const int64_t R = x.size(0);
   torch::Tensor xf = x.to(torch::kFloat32).contiguous();
-  torch::Tensor y = torch::empty({R, w.size(0)}, xf.options());
-  gemv_impl(w.data_ptr<T>(), xf.data_ptr<float>(), y.data_ptr<float>(), R, w.size(0), w.size(1));
+  torch::Tensor y = torch::empty({R, std::get<0>(w).size(0)}, xf.options());
+  matvec(w, xf.data_ptr<float>(), y.data_ptr<float>(), R);
   torch::Tensor out = y.to(x.scalar_type());
   if (down != nullptr) {
-    torch::Tensor r = torch::empty({R, down->size(0)}, xf.options());
-    gemv_impl(down->data_ptr<T>(), xf.data_ptr<float>(), r.data_ptr<float>(), R, down->size(0), down->size(1));
+    torch::Tensor r = torch::empty({R, std::get<0>(*down).size(0)}, xf.options());
+    matvec(*down, xf.data_ptr<float>(), r.data_ptr<float>(), R);
     torch::Tensor rf = r.to(x.scalar_type()).to(torch::kFloat32);
-    torch::Tensor a = torch::empty({R, up->size(0)}, xf.options());
-    gemv_impl(up->data_ptr<T>(), rf.data_ptr<float>(), a.data_ptr<float>(), R, up->size(0), up->size(1));
+    torch::Tensor a = torch::empty({R, std::get<0>(*up).size(0)}, xf.options());
+    matvec(*up, rf.data_ptr<float>(), a.data_ptr<float>(), R);
     out = out + a.to(x.scalar_type());
   }
   return out;
@@ -403,12 +434,12 @@ torch::Tensor glu(const torch::Tensor& gu, int64_t act) {
 // (q_down, q_up, k_down, k_up, v_down, v_up, mlp_down, mlp_up), any pair of which may be None.
 template <typename T>
 torch::Tensor shared_block_t(const torch::Tensor& x, const torch::Tensor& emb, const std::vector<torch::Tensor>& norms,
-                             double eps, const std::vector<torch::Tensor>& ws, const std::vector<c10::optional<torch::Tensor>>& ad,
+                             double eps, const std::vector<Weight>& ws, const std::vector<c10::optional<Weight>>& ad,
                              const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& kc,
                              const torch::Tensor& vc, int64_t slot, const torch::Tensor& valid, int64_t heads,
                              double scale, int64_t act) {
   const int64_t Bsz = x.size(0), kvh = kc.size(1), hd = kc.size(3), L = slot + 1, rep = heads / kvh;
-  auto adapter = [&](int64_t i) -> const torch::Tensor* { return ad.empty() || !ad[i].has_value() ? nullptr : &*ad[i]; };
+  auto adapter = [&](int64_t i) -> const Weight* { return ad.empty() || !ad[i].has_value() ? nullptr : &*ad[i]; };
   torch::Tensor hcat = torch::cat({x, emb}, 1).contiguous();
   torch::Tensor h = torch::empty_like(hcat);
   rms_norm_impl(hcat.data_ptr<T>(), norms[0].data_ptr<T>(), h.data_ptr<T>(), Bsz, hcat.size(1), static_cast<float>(eps));
@@ -488,8 +519,7 @@ torch::Tensor shared_block_t(const torch::Tensor& x, const torch::Tensor& emb, c
 }
 
 torch::Tensor shared_block(const torch::Tensor& x, const torch::Tensor& emb, const std::vector<torch::Tensor>& norms,
-                           double eps, const std::vector<torch::Tensor>& ws,
-                           const std::vector<c10::optional<torch::Tensor>>& adapters,
+                           double eps, const std::vector<Weight>& ws, const std::vector<c10::optional<Weight>>& adapters,
                            const c10::optional<torch::Tensor>& cos, const c10::optional<torch::Tensor>& sin,
                            const torch::Tensor& k_cache, const torch::Tensor& v_cache, int64_t slot,
                            const torch::Tensor& valid, int64_t heads, double scale, int64_t act) {
@@ -500,14 +530,12 @@ torch::Tensor shared_block(const torch::Tensor& x, const torch::Tensor& emb, con
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides() && slot < k_cache.size(2) &&
               valid.scalar_type() == torch::kBool && valid.stride(1) == 1 && valid.size(1) > slot,
               "shared_block: cache layout");
-  std::vector<const torch::Tensor*> all = {&x, &emb, &k_cache, &v_cache};
-  for (const auto& t : norms) all.push_back(&t);
-  for (const auto& t : ws) all.push_back(&t);
-  for (const auto& t : adapters)
-    if (t.has_value()) all.push_back(&*t);
-  for (const auto* t : all) TORCH_CHECK(t->scalar_type() == x.scalar_type(), "shared_block: one dtype");
-  for (size_t i = 2; i < all.size(); i++)
-    TORCH_CHECK(i < 4 || all[i]->is_contiguous(), "shared_block: contiguous weights");
+  for (const auto* t : {&x, &emb, &k_cache, &v_cache, &norms[0], &norms[1]})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "shared_block: activations, norms and cache of one dtype");
+  TORCH_CHECK(norms[0].is_contiguous() && norms[1].is_contiguous(), "shared_block: contiguous norms");
+  for (const auto& w : ws) check(w, x.scalar_type());
+  for (const auto& w : adapters)
+    if (w.has_value()) check(*w, x.scalar_type());
   const torch::Tensor c = cos.has_value() ? cos->contiguous() : torch::Tensor();
   const torch::Tensor s = sin.has_value() ? sin->contiguous() : torch::Tensor();
   if (x.scalar_type() == torch::kFloat32)
@@ -521,7 +549,8 @@ torch::Tensor shared_block(const torch::Tensor& x, const torch::Tensor& emb, con
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "y = x @ W.T for a few rows of x (decode)");
+  m.def("gemv", &gemv, "y = x @ W.T for a few rows of x (decode)", py::arg("weight"), py::arg("x"),
+        py::arg("scale") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
   m.def("mamba_step", &mamba_step, "one Mamba2 decode step between in_proj and out_proj");
   m.def("shared_block", &shared_block, "one token through a shared block and its hybrid layer's linear");
