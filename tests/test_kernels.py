@@ -137,6 +137,16 @@ def test_decode_of_int8_and_lora_models_equals_torch_code(k, torch_only):
         torch.testing.assert_close(fast, ref, rtol=tol, atol=tol)
 
 
+def test_other_dtypes_decode_in_torch(k, torch_only):
+    """float16 has no kernels: decoding it takes the torch code, with the same result as with kernels off."""
+    model = random_model().half()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 9))
+    fast, _ = decode(model, prompt, 4)
+    with torch_only:
+        ref, _ = decode(model, prompt, 4)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+
+
 def test_training_never_uses_the_kernels(k):
     """The kernels have no backward: with autograd tracking a tensor, get() declines."""
     w = torch.randn(4, 4, requires_grad=True)

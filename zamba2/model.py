@@ -82,8 +82,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
         rows = x.numel() // x.shape[-1]
-        if (gate is None and rows <= FEW_ROWS and self.group_size == x.shape[-1] and x.dtype == self.weight.dtype
-                and x.is_contiguous() and (k := kernels.get(x, self.weight)) is not None):
+        if (gate is None and rows <= FEW_ROWS and self.group_size == x.shape[-1] and x.dtype in FUSED_DTYPES
+                and x.dtype == self.weight.dtype and x.is_contiguous()
+                and (k := kernels.get(x, self.weight)) is not None):
             return k.rms_norm(x.view(rows, -1), self.weight, self.eps).view(x.shape)  # decode: one call
         dtype = x.dtype
         x = x.float()
@@ -143,7 +144,7 @@ class Mamba2Mixer(nn.Module):
                 ssm_state: Tensor | None = None, doc: Tensor | None = None) -> Tensor:
         b, l, _ = u.shape
         if (l == 1 and mask is None and ssm_state is not None and conv_state.is_contiguous()
-                and (k := kernels.get(u, self.in_proj.weight)) is not None):
+                and conv_state.dtype in FUSED_DTYPES and (k := kernels.get(u, self.in_proj.weight)) is not None):
             return self.step(u, conv_state, ssm_state, k)
         if mask is not None:  # padding contributes nothing (and, with dt = 0 below, does not decay the state)
             u = u * mask[..., None].to(u.dtype)
@@ -302,7 +303,8 @@ class Layer(nn.Module):
         return x + mx(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm, ctx.doc)  # residual is x, not u
 
     def adapters(self) -> list:
-        return [m for a in (self.q_adapter, self.k_adapter, self.v_adapter, self.mlp_adapter) if a is not None for m in a]
+        pairs = (self.q_adapter, self.k_adapter, self.v_adapter, self.mlp_adapter)
+        return [m for a in pairs if a is not None for m in a]
 
     def plain_visit(self, block: "SharedBlock") -> bool:
         att, mlp = block.self_attn, block.feed_forward

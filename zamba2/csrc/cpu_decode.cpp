@@ -10,6 +10,8 @@
 //   over the cached window, SiLU, softplus(dt), the SSM state update and read-out, D skip, gated RMSNorm)
 //   in one call instead of ~40 small torch ops; mamba_layer adds the layer's RMSNorm, both projections and
 //   the residual, one call per layer. zamba2.model's torch code is the reference they are tested against.
+// shared_block: one token through a shared attention + MLP block (RoPE, the KV cache write, attention over
+//   the valid slots, adapters, the GLU) and its hybrid layer's linear, one call per hybrid visit.
 // rms_norm: RMSNorm of a few rows; torch's rms_norm costs ~20 us a call on a 512-vector.
 
 #include <torch/extension.h>
