@@ -67,6 +67,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class Linear(nn.Linear):
+    scale = None  # weights are used as stored (quant.Int8Linear has a scale per row)
+
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
 
@@ -338,7 +340,7 @@ def plain(*projections: nn.Module) -> bool:
 
 def weight(m: nn.Module) -> tuple:
     """(weight, scale per row or None) of a plain projection, as the compiled decode takes it."""
-    return m.weight, getattr(m, "scale", None)
+    return m.weight, m.scale
 
 
 class _Context:
