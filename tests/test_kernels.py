@@ -1,5 +1,7 @@
 """The compiled CPU decode kernels (zamba2/kernels.py) against the torch code they replace."""
 
+import collections
+import contextlib
 import os
 import subprocess
 import sys
@@ -24,16 +26,26 @@ def k():
     return built
 
 
-@pytest.fixture
-def torch_only(monkeypatch):
-    """Run the torch reference code: kernels off for the duration of the test's `with` block."""
-    class Off:
-        def __enter__(self):
-            monkeypatch.setattr(kernels, "ENABLED", False)
+@contextlib.contextmanager
+def torch_code():
+    """Run the torch reference code: kernels off inside the block."""
+    kernels.ENABLED = False
+    try:
+        yield
+    finally:
+        kernels.ENABLED = True
 
-        def __exit__(self, *exc):
-            monkeypatch.setattr(kernels, "ENABLED", True)
-    return Off()
+
+@pytest.fixture
+def calls(k, monkeypatch):
+    """Counts of the compiled calls made, by name: proof that a comparison ran the kernels at all."""
+    counts = collections.Counter()
+    for name in ("mamba_layer", "mamba_step", "shared_block"):
+        def counted(*args, _f=getattr(k, name), _name=name):
+            counts[_name] += 1
+            return _f(*args)
+        monkeypatch.setattr(k, name, counted)
+    return counts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -62,14 +74,14 @@ def test_gemv_rejects_bad_input(k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_equals_torch(k, torch_only, dtype):
+def test_rms_norm_equals_torch(k, dtype):
     norm = RMSNorm(48, eps=1e-6).to(dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(48))
     x = torch.randn(3, 1, 48).to(dtype)
     with torch.inference_mode():
         fast = norm(x)
-        with torch_only:
+        with torch_code():
             ref = norm(x)
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6 if dtype == torch.float32 else 1e-2)
 
@@ -96,7 +108,7 @@ SHAPES = {  # the 1.2B-like default (RoPE, q/k/v adapters, two shared blocks, 2 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_decode_equals_torch_code(k, torch_only, dtype, batch, shape):
+def test_decode_equals_torch_code(k, calls, dtype, batch, shape):
     """Every layer kind (plain and hybrid Mamba layers, shared blocks with their adapters) over steps that cross
     chunk boundaries: logits and every cached state stay equal to the torch code's. Batches of 3 are
     left-padded, so attention must skip the padding slots."""
@@ -105,8 +117,12 @@ def test_decode_equals_torch_code(k, torch_only, dtype, batch, shape):
     mask = torch.ones_like(prompt)
     mask[1:, :3] = 0
     fast, fast_cache = decode(model, prompt, 20, mask)
-    with torch_only:
+    c = model.config
+    expected = {"mamba_layer": 20 * c.num_hidden_layers, "shared_block": 20 * len(c.hybrid_layer_ids)}
+    assert calls == expected  # every decode step of every layer ran compiled
+    with torch_code():
         ref, ref_cache = decode(model, prompt, 20, mask)
+    assert calls == expected  # and the reference ran none
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
     torch.testing.assert_close(fast, ref, **tol)
     for a, b in zip(fast_cache.ssm + fast_cache.conv, ref_cache.ssm + ref_cache.conv):
@@ -115,7 +131,7 @@ def test_decode_equals_torch_code(k, torch_only, dtype, batch, shape):
         torch.testing.assert_close(fast_cache.keys[i], ref_cache.keys[i], **tol)
 
 
-def test_decode_of_int8_and_lora_models_equals_torch_code(k, torch_only):
+def test_decode_of_int8_and_lora_models_equals_torch_code(k, calls):
     """int8 projections are read by the compiled layers (inputs and outputs rounded to bfloat16 as torch's int8
     kernel does); LoRA projections keep their modules, with the compiled mixer step between them."""
     from zamba2.lora import LoRA
@@ -129,20 +145,25 @@ def test_decode_of_int8_and_lora_models_equals_torch_code(k, torch_only):
     int8 = zamba2.quantize_int8(random_model(hidden_size=64, intermediate_size=128))
     assert not any(plain(layer.mamba.in_proj) for layer in lora.layers)
     assert all(plain(layer.mamba.in_proj) for layer in int8.layers)
-    for model, tol in ((lora, 1e-4), (int8, 1e-2)):  # int8 outputs are bfloat16: sums in another order flip ulps
+    layers = lora.config.num_hidden_layers
+    # int8 outputs are bfloat16, where sums in another order flip ulps
+    for model, tol, kernel in ((lora, 1e-4, "mamba_step"), (int8, 1e-2, "mamba_layer")):
+        calls.clear()
         prompt = torch.randint(0, model.config.vocab_size, (2, 9))
         fast, _ = decode(model, prompt, 12)
-        with torch_only:
+        assert calls[kernel] == 12 * layers
+        with torch_code():
             ref, _ = decode(model, prompt, 12)
         torch.testing.assert_close(fast, ref, rtol=tol, atol=tol)
 
 
-def test_other_dtypes_decode_in_torch(k, torch_only):
+def test_other_dtypes_decode_in_torch(k, calls):
     """float16 has no kernels: decoding it takes the torch code, with the same result as with kernels off."""
     model = random_model().half()
     prompt = torch.randint(0, model.config.vocab_size, (2, 9))
     fast, _ = decode(model, prompt, 4)
-    with torch_only:
+    assert not calls
+    with torch_code():
         ref, _ = decode(model, prompt, 4)
     torch.testing.assert_close(fast, ref, rtol=0, atol=0)
 
