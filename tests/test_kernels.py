@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import zamba2
-from zamba2 import kernels
-from zamba2.model import RMSNorm, plain
+from zamba2 import decode as compiled_decode, kernels
+from zamba2.decode import plain
+from zamba2.model import RMSNorm
 
 from conftest import random_model
 
@@ -38,13 +39,28 @@ def torch_code():
 
 @pytest.fixture
 def calls(k, monkeypatch):
-    """Counts of the compiled calls made, by name: proof that a comparison ran the kernels at all."""
+    """Counts of the compiled calls made from Python, by name: proof that a comparison ran the kernels at all.
+    "decoder" counts whole-model decode steps (decode.py), "mamba_step" the mixer steps of the layer-by-layer path."""
     counts = collections.Counter()
-    for name in ("mamba_layer", "mamba_step", "shared_block"):
-        def counted(*args, _f=getattr(k, name), _name=name):
-            counts[_name] += 1
-            return _f(*args)
-        monkeypatch.setattr(k, name, counted)
+
+    class Counted:
+        def __init__(self, decoder):
+            self.decoder = decoder
+
+        def step(self, *args):
+            counts["decoder"] += 1
+            return self.decoder.step(*args)
+
+    def compiled(model, _f=compiled_decode.compiled):
+        decoder = _f(model)
+        return None if decoder is None else Counted(decoder)
+
+    def mamba_step(*args, _f=k.mamba_step):
+        counts["mamba_step"] += 1
+        return _f(*args)
+
+    monkeypatch.setattr(compiled_decode, "compiled", compiled)
+    monkeypatch.setattr(k, "mamba_step", mamba_step)
     return counts
 
 
@@ -117,9 +133,8 @@ def test_decode_equals_torch_code(k, calls, dtype, batch, shape):
     mask = torch.ones_like(prompt)
     mask[1:, :3] = 0
     fast, fast_cache = decode(model, prompt, 20, mask)
-    c = model.config
-    expected = {"mamba_layer": 20 * c.num_hidden_layers, "shared_block": 20 * len(c.hybrid_layer_ids)}
-    assert calls == expected  # every decode step of every layer ran compiled
+    expected = {"decoder": 20}
+    assert calls == expected  # every decode step ran compiled
     with torch_code():
         ref, ref_cache = decode(model, prompt, 20, mask)
     assert calls == expected  # and the reference ran none
@@ -132,7 +147,7 @@ def test_decode_equals_torch_code(k, calls, dtype, batch, shape):
 
 
 def test_decode_of_int8_and_lora_models_equals_torch_code(k, calls):
-    """int8 projections are read by the compiled layers (inputs and outputs rounded to bfloat16 as torch's int8
+    """int8 projections are read by the compiled decoder (inputs and outputs rounded to bfloat16 as torch's int8
     kernel does); LoRA projections keep their modules, with the compiled mixer step between them."""
     from zamba2.lora import LoRA
 
@@ -147,14 +162,39 @@ def test_decode_of_int8_and_lora_models_equals_torch_code(k, calls):
     assert all(plain(layer.mamba.in_proj) for layer in int8.layers)
     layers = lora.config.num_hidden_layers
     # int8 outputs are bfloat16, where sums in another order flip ulps
-    for model, tol, kernel in ((lora, 1e-4, "mamba_step"), (int8, 1e-2, "mamba_layer")):
+    for model, tol, expected in ((lora, 1e-4, {"mamba_step": 12 * layers}), (int8, 1e-2, {"decoder": 12})):
         calls.clear()
         prompt = torch.randint(0, model.config.vocab_size, (2, 9))
         fast, _ = decode(model, prompt, 12)
-        assert calls[kernel] == 12 * layers
+        assert calls == expected
         with torch_code():
             ref, _ = decode(model, prompt, 12)
         torch.testing.assert_close(fast, ref, rtol=tol, atol=tol)
+
+
+def test_decoder_follows_changes_to_the_model(k, calls):
+    """A model changed after its first decode steps (a parameter replaced, the dtype changed through .data,
+    quantized, weights copied in place) goes on decoding as the torch code does on the changed model."""
+    model = random_model()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 9))
+
+    def replace_parameter(m):
+        m.layers[1].mamba.in_proj.weight = torch.nn.Parameter(torch.randn_like(m.layers[1].mamba.in_proj.weight))
+
+    def copy_in_place(m):
+        with torch.no_grad():
+            m.shared_blocks[0].self_attn.q_proj.weight.mul_(2)
+
+    changes = [replace_parameter, lambda m: m.to(torch.bfloat16), copy_in_place, zamba2.quantize_int8]
+    for change in changes:
+        decode(model, prompt, 2)  # builds (or checks) the decoder of the model as it is
+        change(model)
+        calls.clear()
+        fast, _ = decode(model, prompt, 6)
+        assert calls == {"decoder": 6}
+        with torch_code():
+            ref, _ = decode(model, prompt, 6)
+        torch.testing.assert_close(fast, ref, rtol=0.02, atol=0.02)
 
 
 def test_other_dtypes_decode_in_torch(k, calls):

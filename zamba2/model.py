@@ -24,14 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import decode, kernels
 from .cache import HybridCache
 from .config import Config
+from .decode import FUSABLE
 from .ssd import ssd_chunked, ssd_step
 
 
 FEW_ROWS = 16
-FUSED_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled decode kernels take (kernels.py)
+FUSED_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled decode takes (kernels.py, decode.py)
 # The scan's chunk length on the CPU is at most this (the config's chunk_size, 256 in the released models,
 # elsewhere). The chunked scan is exact for any length; its intra-chunk work grows with the chunk, and on the
 # 2-core AVX2 machine 64 ran prefill 1.2-1.5x and training 1.1-1.3x faster than 256 (bench/compare.py).
@@ -71,6 +72,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+FUSABLE.add(Linear)  # the compiled decode reads its weight itself (decode.py)
 
 
 class RMSNorm(nn.Module):
@@ -184,8 +188,7 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(u.dtype)).view(b, 1, -1)  # y [b, d_inner]
 
     def step_params(self) -> tuple:
-        c = self.conv1d
-        return (c.weight.view(self.conv_dim, -1), c.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
+        return (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
                 self.groups, self.dt_min, self.norm.eps)
 
 
@@ -285,62 +288,13 @@ class Layer(nn.Module):
                 self.mlp_adapter = adapter(c.hidden_size, r, 2 * c.intermediate_size)
 
     def forward(self, x: Tensor, ctx: "_Context", shared: nn.ModuleList) -> Tensor:
-        k = ctx.decode_kernels  # decode on the CPU: the plain parts run as compiled calls (kernels.py)
         cache = ctx.cache
         conv = cache.conv[self.index] if cache is not None else None
         ssm = cache.ssm[self.index] if cache is not None else None
         u = x
         if self.visit is not None:
-            block = shared[self.block]
-            if k is not None and self.plain_visit(block):
-                u = self.shared_step(x, block, ctx, k)
-            else:
-                u = x + self.linear(block(torch.cat([x, ctx.embeddings], dim=-1), self, ctx))
-        mx = self.mamba
-        if k is not None and plain(mx.in_proj, mx.out_proj):
-            b, _, d = x.shape
-            norm = self.input_layernorm
-            return k.mamba_layer(x.view(b, d), u.view(b, d), norm.weight, norm.eps, weight(mx.in_proj),
-                                 weight(mx.out_proj), conv, ssm, *mx.step_params()).view(b, 1, d)
-        return x + mx(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm, ctx.doc)  # residual is x, not u
-
-    def adapters(self) -> list:
-        pairs = (self.q_adapter, self.k_adapter, self.v_adapter, self.mlp_adapter)
-        return [m for a in pairs if a is not None for m in a]
-
-    def plain_visit(self, block: "SharedBlock") -> bool:
-        att, mlp = block.self_attn, block.feed_forward
-        return plain(att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj, self.linear,
-                     *self.adapters())
-
-    def shared_step(self, x: Tensor, block: "SharedBlock", ctx: "_Context", k) -> Tensor:
-        """x + linear(block(concat(x, embeddings))) for one decode token [b,1,d], in one compiled call."""
-        b, _, d = x.shape
-        att, mlp = block.self_attn, block.feed_forward
-        pairs = (self.q_adapter, self.k_adapter, self.v_adapter, self.mlp_adapter)
-        adapters = [w for a in pairs for w in ((weight(a[0]), weight(a[1])) if a is not None else (None, None))]
-        cos, sin = (t.view(b, -1) for t in ctx.rope) if ctx.rope is not None else (None, None)
-        cache = ctx.cache
-        u = k.shared_block(
-            x.view(b, d), ctx.embeddings.view(b, d), [block.input_layernorm.weight, block.pre_ff_layernorm.weight],
-            block.input_layernorm.eps, [weight(m) for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj,
-                                                            mlp.gate_up_proj, mlp.down_proj, self.linear)],
-            adapters if any(a is not None for a in pairs) else [], cos, sin, cache.keys[self.index],
-            cache.values[self.index], ctx.start, cache.valid, att.heads, att.scale, mlp.act_code)
-        return u.view(b, 1, d)
-
-
-FUSABLE = {Linear}  # projection types the compiled decode reads directly; quant.py adds Int8Linear
-
-
-def plain(*projections: nn.Module) -> bool:
-    """Whether the compiled decode can read these projections' weights itself (no bias, not LoRA)."""
-    return all(type(m) in FUSABLE and m.bias is None for m in projections)
-
-
-def weight(m: nn.Module) -> tuple:
-    """(weight, scale per row or None) of a plain projection, as the compiled decode takes it."""
-    return m.weight, m.scale
+            u = x + self.linear(shared[self.block](torch.cat([x, ctx.embeddings], dim=-1), self, ctx))
+        return x + self.mamba(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm, ctx.doc)  # residual is x, not u
 
 
 class _Context:
@@ -451,6 +405,12 @@ class Zamba2LM(nn.Module):
         else:
             positions = offset + (mask.long().cumsum(1) - 1).clamp(min=0)
         start = cache.extend(mask, t) if cache is not None else 0
+        if (t == 1 and cache is not None and mask is None and self.dtype in FUSED_DTYPES
+                and (dec := decode.compiled(self)) is not None):  # decode on the CPU: one compiled call
+            cos, sin = ((r.view(b, -1) for r in rope_tables(positions, c.attention_head_dim, c.effective_rope_theta,
+                                                            self.dtype)) if c.use_mem_rope else (None, None))
+            return dec.step(input_ids[:, 0], cos, sin, start, cache.valid, cache.conv, cache.ssm, cache.keys,
+                            cache.values)[:, None]
         key_valid = cache.valid[:, :start + t] if cache is not None else mask
         attn_mask, causal = None, False
         if doc_ids is not None:
@@ -469,11 +429,9 @@ class Zamba2LM(nn.Module):
         x = self.embed_tokens(input_ids)  # [b,t,d]; no sqrt(d) scaling
         rope = (rope_tables(positions, c.attention_head_dim, c.effective_rope_theta, x.dtype)
                 if c.use_mem_rope else None)
-        decode = t == 1 and cache is not None and mask is None and b <= FEW_ROWS and x.dtype in FUSED_DTYPES
         ctx = _Context(embeddings=x, mask=mask, attn_mask=attn_mask, causal=causal, rope=rope, cache=cache,
                        start=start, doc=doc_ids,
-                       chunk_size=min(c.chunk_size, CPU_MAX_CHUNK) if x.device.type == "cpu" else c.chunk_size,
-                       decode_kernels=kernels.get(x, self.embed_tokens.weight) if decode else None)
+                       chunk_size=min(c.chunk_size, CPU_MAX_CHUNK) if x.device.type == "cpu" else c.chunk_size)
         for layer in self.layers:
             x = layer(x, ctx, self.shared_blocks)
         if logits_to_keep:

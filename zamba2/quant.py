@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .model import FEW_ROWS, FUSABLE, Linear, Zamba2LM
+from .decode import FUSABLE
+from .model import FEW_ROWS, Linear, Zamba2LM
 
 
 class Int8Linear(nn.Module):
@@ -41,7 +42,7 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-FUSABLE.add(Int8Linear)  # the compiled decode layers read int8 weights and their scales themselves
+FUSABLE.add(Int8Linear)  # the compiled decode reads int8 weights and their scales itself (decode.py)
 
 
 @torch.no_grad()
