@@ -359,7 +359,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--skip-hf", action="store_true", help="measure zamba2 only")
     ap.add_argument("--no-kernels", action="store_true",
-                    help="zamba2 without its compiled CPU decode kernels (the torch code they replace)")
+                    help="zamba2 without its compiled CPU kernels (the torch code they replace)")
     ap.add_argument("--json", help="also write every number to this file")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)

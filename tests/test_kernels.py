@@ -40,7 +40,8 @@ def torch_code():
 @pytest.fixture
 def calls(k, monkeypatch):
     """Counts of the compiled calls made from Python, by name: proof that a comparison ran the kernels at all.
-    "decoder" counts whole-model decode steps (decode.py), "mamba_step" the mixer steps of the layer-by-layer path."""
+    "decoder" counts whole-model decode steps (decode.py), "mamba_step" the mixer steps of the layer-by-layer path,
+    "mamba_prefill" the mixers' prompt pieces."""
     counts = collections.Counter()
 
     class Counted:
@@ -55,12 +56,15 @@ def calls(k, monkeypatch):
         decoder = _f(model)
         return None if decoder is None else Counted(decoder)
 
-    def mamba_step(*args, _f=k.mamba_step):
-        counts["mamba_step"] += 1
-        return _f(*args)
+    def counted(name):
+        def f(*args, _f=getattr(k, name)):
+            counts[name] += 1
+            return _f(*args)
+        return f
 
     monkeypatch.setattr(compiled_decode, "compiled", compiled)
-    monkeypatch.setattr(k, "mamba_step", mamba_step)
+    for name in ("mamba_step", "mamba_prefill"):
+        monkeypatch.setattr(k, name, counted(name))
     return counts
 
 
@@ -133,8 +137,10 @@ def test_decode_equals_torch_code(k, calls, dtype, batch, shape):
     mask = torch.ones_like(prompt)
     mask[1:, :3] = 0
     fast, fast_cache = decode(model, prompt, 20, mask)
-    expected = {"decoder": 20}
-    assert calls == expected  # every decode step ran compiled
+    expected = {"decoder": 20}  # every decode step ran compiled; a padded prompt runs the torch code
+    if batch == 1:
+        expected["mamba_prefill"] = model.config.num_hidden_layers
+    assert calls == expected
     with torch_code():
         ref, ref_cache = decode(model, prompt, 20, mask)
     assert calls == expected  # and the reference ran none
@@ -162,7 +168,8 @@ def test_decode_of_int8_and_lora_models_equals_torch_code(k, calls):
     assert all(plain(layer.mamba.in_proj) for layer in int8.layers)
     layers = lora.config.num_hidden_layers
     # int8 outputs are bfloat16, where sums in another order flip ulps
-    for model, tol, expected in ((lora, 1e-4, {"mamba_step": 12 * layers}), (int8, 1e-2, {"decoder": 12})):
+    for model, tol, expected in ((lora, 1e-4, {"mamba_step": 12 * layers, "mamba_prefill": layers}),
+                                 (int8, 1e-2, {"decoder": 12, "mamba_prefill": layers})):
         calls.clear()
         prompt = torch.randint(0, model.config.vocab_size, (2, 9))
         fast, _ = decode(model, prompt, 12)
@@ -172,6 +179,42 @@ def test_decode_of_int8_and_lora_models_equals_torch_code(k, calls):
         torch.testing.assert_close(fast, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pieces", [[1], [5, 3], [8], [21], [8, 1, 30]])
+def test_prefill_equals_torch_code(k, calls, dtype, pieces):
+    """The compiled mixer over prompt pieces (chunk 8: below, at and above it, one token, continuations on a warm
+    cache, batch 2, two groups, conv bias) against the torch code: logits of every position and every state."""
+    model = random_model(use_conv_bias=True).to(dtype)
+    prompt = torch.randint(0, model.config.vocab_size, (2, sum(pieces)))
+
+    def run():
+        cache = model.new_cache(2, capacity=prompt.shape[1])
+        with torch.inference_mode():
+            logits = prefill(model, prompt, cache, logits_to_keep=0, pieces=pieces)
+            plain = model(prompt)  # no cache: the states start at zero and are dropped
+        return logits.float(), plain.float(), cache
+
+    fast, fast_plain, fast_cache = run()
+    ones = pieces.count(1)  # one token on a cache is a decode step
+    assert calls["mamba_prefill"] == model.config.num_hidden_layers * (len(pieces) - ones + 1)
+    assert calls["decoder"] == ones
+    with torch_code():
+        ref, ref_plain, ref_cache = run()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+    torch.testing.assert_close(fast, ref, **tol)
+    torch.testing.assert_close(fast_plain, ref_plain, **tol)
+    for a, b in zip(fast_cache.ssm + fast_cache.conv, ref_cache.ssm + ref_cache.conv):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def prefill(model, prompt, cache, logits_to_keep, pieces):
+    out, s = [], 0
+    for n in pieces:
+        out.append(model(prompt[:, s:s + n], cache=cache, logits_to_keep=logits_to_keep))
+        s += n
+    return torch.cat(out, 1)
+
+
 def test_decoder_follows_changes_to_the_model(k, calls):
     """A model changed after its first decode steps (a parameter replaced, the dtype changed through .data,
     quantized, weights copied in place) goes on decoding as the torch code does on the changed model."""
@@ -179,7 +222,8 @@ def test_decoder_follows_changes_to_the_model(k, calls):
     prompt = torch.randint(0, model.config.vocab_size, (2, 9))
 
     def replace_parameter(m):
-        m.layers[1].mamba.in_proj.weight = torch.nn.Parameter(torch.randn_like(m.layers[1].mamba.in_proj.weight))
+        w = m.layers[1].mamba.in_proj.weight
+        m.layers[1].mamba.in_proj.weight = torch.nn.Parameter(torch.randn_like(w) * w.std())
 
     def copy_in_place(m):
         with torch.no_grad():
@@ -191,7 +235,7 @@ def test_decoder_follows_changes_to_the_model(k, calls):
         change(model)
         calls.clear()
         fast, _ = decode(model, prompt, 6)
-        assert calls == {"decoder": 6}
+        assert calls["decoder"] == 6
         with torch_code():
             ref, _ = decode(model, prompt, 6)
         torch.testing.assert_close(fast, ref, rtol=0.02, atol=0.02)

@@ -149,12 +149,21 @@ class Mamba2Mixer(nn.Module):
     def forward(self, u: Tensor, mask: Tensor | None, chunk_size: int, conv_state: Tensor | None = None,
                 ssm_state: Tensor | None = None, doc: Tensor | None = None) -> Tensor:
         b, l, _ = u.shape
-        if (l == 1 and mask is None and ssm_state is not None and conv_state.is_contiguous()
-                and conv_state.dtype in FUSED_DTYPES and (k := kernels.get(u, self.in_proj.weight)) is not None):
-            return self.step(u, conv_state, ssm_state, k)
         if mask is not None:  # padding contributes nothing (and, with dt = 0 below, does not decay the state)
             u = u * mask[..., None].to(u.dtype)
-        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
+        zx = self.in_proj(u)  # [b,l, z | xBC | dt]
+        if (mask is None and doc is None and zx.dtype in FUSED_DTYPES
+                and (conv_state is None or conv_state.is_contiguous())
+                and (k := self.compiled(zx)) is not None):  # inference on the CPU: compiled
+            if l == 1 and ssm_state is not None:
+                y = k.mamba_step(zx.view(b, -1), conv_state, ssm_state, *self.step_params())  # [b, d_inner] float
+                return self.out_proj(y.to(u.dtype)).view(b, 1, -1)
+            if self.headdim % 8 == 0:
+                if conv_state is None:  # no cache: the states start at zero and are dropped
+                    conv_state = u.new_zeros(b, self.conv_dim, self.conv1d.kernel_size[0] - 1)
+                    ssm_state = u.new_zeros(b, self.heads, self.headdim, self.state, dtype=torch.float32)
+                return self.out_proj(k.mamba_prefill(zx, conv_state, ssm_state, *self.step_params(), chunk_size))
+        z, xBC, dt = zx.split([self.d_inner, self.conv_dim, self.heads], dim=-1)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
         xBC = self.conv(xBC, conv_state, doc)
@@ -180,12 +189,12 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(b, l, self.d_inner), gate=z)
         return self.out_proj(y.to(u.dtype))
 
-    def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor, k) -> Tensor:
-        """One decode token [b,1,d] with everything between in_proj and out_proj in one compiled call
-        (kernels.py); the torch code of forward() is its reference."""
-        b = u.shape[0]
-        y = k.mamba_step(self.in_proj(u).view(b, -1), conv_state, ssm_state, *self.step_params())
-        return self.out_proj(y.to(u.dtype)).view(b, 1, -1)  # y [b, d_inner]
+    def compiled(self, zx: Tensor):
+        """The compiled kernels for the mixer on the in_proj output zx (one decode token: mamba_step; a prompt
+        piece: mamba_prefill, csrc/cpu_prefill.cpp), or None: they have no backward, so nothing here may be
+        tracked by autograd (a LoRA in_proj's output is, while its base weight is not). The torch code of
+        forward() is their reference."""
+        return kernels.get(zx, *(t for t in self.step_params()[:6] if t is not None))
 
     def step_params(self) -> tuple:
         return (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
