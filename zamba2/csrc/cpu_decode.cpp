@@ -8,12 +8,13 @@
 //   decode read a half and a quarter of the bytes, with float32 arithmetic.
 // mamba_step: everything a Mamba2 mixer does to one token between in_proj and out_proj (depthwise conv
 //   over the cached window, SiLU, softplus(dt), the SSM state update and read-out, D skip, gated RMSNorm)
-//   in one call instead of ~40 small torch ops; mamba_layer adds the layer's RMSNorm, both projections and
-//   the residual, one call per layer. zamba2.model's torch code is the reference they are tested against.
+//   in one call instead of ~40 small torch ops (models whose projections are LoRA); mamba_layer adds the
+//   layer's RMSNorm, both projections and the residual.
 // shared_block: one token through a shared attention + MLP block (RoPE, the KV cache write, attention over
-//   the valid slots, adapters, the GLU) and its hybrid layer's linear, one call per hybrid visit.
+//   the valid slots, adapters, the GLU) and its hybrid layer's linear.
+// Decoder: a whole model's decode step (embedding, mamba_layer and shared_block per layer, final norm, LM head)
+//   as one call (zamba2/decode.py). zamba2.model's torch code is the reference these are tested against.
 // rms_norm: RMSNorm of a few rows; torch's rms_norm costs ~20 us a call on a 512-vector.
-// Decoder: a whole model's decode step (embedding, layers, final norm, LM head) as one call (zamba2/decode.py).
 
 #include "common.h"
 
@@ -517,8 +518,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
   m.def("mamba_step", &mamba_step, "one Mamba2 decode step between in_proj and out_proj");
-  m.def("shared_block", &shared_block, "one token through a shared block and its hybrid layer's linear");
-  m.def("mamba_layer", &mamba_layer, "one Mamba layer (norm, in_proj, mixer, out_proj, residual) for one token");
   m.def("mamba_prefill", &mamba_prefill, "a Mamba2 mixer between in_proj and out_proj over a prompt piece");
   py::class_<Decoder>(m, "Decoder", "a whole model's decode step, one call per token")
       .def(py::init<torch::Tensor, std::vector<MambaArgs>, std::vector<c10::optional<VisitArgs>>, torch::Tensor,
