@@ -7,8 +7,9 @@ Measures prefill tokens/s (batch 1 at 128, 512, 2048 tokens; ours as generate an
 pieces of zamba2.generate.PREFILL_CHUNK tokens), greedy decode tokens/s (64 new tokens after a 128-token
 prompt, at batch 1 and 8; the prefill is excluded by timing from the first generated token to the last)
 and the peak resident memory each phase adds. It also measures this machine's matmul rate and memory
-bandwidth, at the start and at the end, and reports each phase as a fraction of the higher of the two; and
-checks that both implementations produce the same last-token logits and greedy tokens.
+bandwidth before the first phase and after every phase, and reports each phase as a fraction of the higher
+of the two measured around it (a shared VM's rates drift by tens of percent within a run); and checks that
+both implementations produce the same last-token logits and greedy tokens.
 
 --int8 runs our model with int8 weight-only matmuls (zamba2.quantize_int8) against transformers in the
 given dtype; its greedy tokens then differ where quantization flips near-ties. --long N also prefills an
@@ -131,6 +132,17 @@ def effective_params(model: zamba2.Zamba2LM) -> int:
     return layers + shared + c.vocab_size * c.hidden_size
 
 
+def prefill_flops(c: zamba2.Config, p_eff: int, t: int) -> int:
+    """The FLOPs of a t-token prefill that keeps the last token's logits: every weight but the LM head once per
+    token, the LM head once, causal attention at each hybrid visit (QK^T and AV over t(t+1)/2 pairs), and the
+    selective scan in its recurrent form (4 h p n per token and layer: state update and read-out)."""
+    head = c.vocab_size * c.hidden_size
+    visits = len(c.hybrid_layer_ids)
+    attention = visits * 2 * 2 * c.num_attention_heads * c.attention_head_dim * t * (t + 1) // 2
+    scan = c.num_hidden_layers * 4 * c.n_mamba_heads * c.mamba_headdim * c.mamba_d_state * t
+    return 2 * (p_eff - head) * t + 2 * head + attention + scan
+
+
 # ---- memory ----
 
 def _status_bytes(field: str) -> int:
@@ -244,10 +256,11 @@ def theirs(hf):
     return prefill, decode
 
 
-def run_phases(prefill, decode, prompts: dict, decode_prompts: dict) -> dict:
-    """Every phase of one implementation: tokens/s, peak extra RSS and outputs. A prefill whose memory,
-    extrapolated linearly from the previous length, would not fit in MemAvailable is skipped, not run."""
-    res, prev = {}, None
+def run_phases(prefill, decode, prompts: dict, decode_prompts: dict, limits) -> dict:
+    """Every phase of one implementation: tokens/s, peak extra RSS, outputs, and the machine limits (the higher
+    of those measured by `limits()` before and after the phase). A prefill whose memory, extrapolated linearly
+    from the previous length, would not fit in MemAvailable is skipped, not run."""
+    res, prev, before = {}, None, limits()
     for t, ids in prompts.items():
         name = f"prefill {t}"
         if prev is not None:
@@ -259,6 +272,7 @@ def run_phases(prefill, decode, prompts: dict, decode_prompts: dict) -> dict:
         with PeakRSS() as mem:
             secs, logits = measure(lambda: prefill(ids))
         res[name] = {"tok_s": t / secs, "peak_extra_bytes": mem.extra, "tokens_per_pass": t, "logits": logits}
+        res[name]["limits"], before = around(before, limits())
         prev = (t, mem.extra)
         print(f"  {name}: {t / secs:.1f} tok/s", flush=True)
     for name, ids in decode_prompts.items():
@@ -267,8 +281,14 @@ def run_phases(prefill, decode, prompts: dict, decode_prompts: dict) -> dict:
         b = ids.shape[0]
         res[name] = {"tok_s": b * (NEW_TOKENS - 1) / secs, "peak_extra_bytes": mem.extra, "tokens_per_pass": b,
                      "tokens": tokens}
+        res[name]["limits"], before = around(before, limits())
         print(f"  {name}: {res[name]['tok_s']:.1f} tok/s", flush=True)
     return res
+
+
+def around(before: dict, after: dict) -> tuple[dict, dict]:
+    """(the limits a phase is compared with: the higher of before and after, the next phase's `before`)"""
+    return {k: max(v, after[k]) for k, v in before.items()}, after
 
 
 def long_prompt(model: zamba2.Zamba2LM, n: int) -> dict:
@@ -302,7 +322,7 @@ def ratio(a: dict | None, b: dict | None, key: str) -> str:
     return f"{a[key] / b[key]:.2f}x" if ok else "-"
 
 
-def print_tables(results: dict, p_eff: int, elems: dict, limits: dict, dtype: torch.dtype) -> None:
+def print_tables(results: dict, p_eff: int, flops_per_pass, elems: dict, limits: dict, dtype: torch.dtype) -> None:
     z, h = results["zamba2"], results.get("transformers", {})
     print(f"\n{'phase':<14}{'zamba2 tok/s':>24}{'hf tok/s':>24}{'z/hf':>8}{'zamba2 +MB':>12}{'hf +MB':>8}{'z/hf':>7}")
     for name in z:
@@ -312,22 +332,31 @@ def print_tables(results: dict, p_eff: int, elems: dict, limits: dict, dtype: to
               f"{ratio(a, b, 'peak_extra_bytes'):>7}")
     print("(+MB: peak resident memory the phase adds above the loaded model)")
 
-    # either side may compute a bfloat16 model's matmuls in float32 (ours does for prefill on CPUs without bf16
-    # instructions), so the FLOP ceiling is the faster of the two matmul rates
-    flops, bw = max(limits["matmul_float32"], limits[f"matmul_{dt_name(dtype)}"]), limits["read"]
-    print(f"\nfraction of machine limits: FLOP/s = tok/s x 2 x {p_eff / 1e6:.1f}M effective params, vs "
-          f"the faster matmul, {flops / 1e9:.1f} GFLOP/s;\n  weight bytes/s = passes/s x "
-          f"{p_eff / 1e6:.1f}M x {elems['zamba2']} B (zamba2), x {elems['transformers']} B (transformers); one pass "
-          f"per prefill or decode step; "
-          f"vs memory read {bw / 1e9:.1f} GB/s")
-    print(f"{'phase':<14}{'zamba2 %FLOP':>14}{'zamba2 %BW':>12}{'hf %FLOP':>12}{'hf %BW':>10}")
+    print(f"\nfraction of machine limits, each phase against the limits measured around it:\n"
+          f"  FLOP/s: decode = tok/s x 2 x {p_eff / 1e6:.1f}M effective params; prefill = prefill_flops() / s (the LM "
+          f"head once, attention and scan included);\n    vs the faster matmul (float32 or the model dtype)\n"
+          f"  weight bytes/s = passes/s x {p_eff / 1e6:.1f}M x {elems['zamba2']} B (zamba2), x "
+          f"{elems['transformers']} B (transformers); one pass per prefill or decode step; vs the memory read rate")
+    print(f"{'phase':<14}{'zamba2 %FLOP':>14}{'zamba2 %BW':>12}{'hf %FLOP':>12}{'hf %BW':>10}{'limits GFLOP/s, GB/s':>24}")
     for name in z:
         cells = []
+        lim = z[name].get("limits", limits)
         for row, elem in ((z[name], elems["zamba2"]), (h.get(name), elems["transformers"])):
             ok = row is not None and "tok_s" in row
-            cells.append(f"{100 * row['tok_s'] * 2 * p_eff / flops:.3g}%" if ok else "-")
-            cells.append(f"{100 * row['tok_s'] / row['tokens_per_pass'] * p_eff * elem / bw:.3g}%" if ok else "-")
-        print(f"{name:<14}{cells[0]:>14}{cells[1]:>12}{cells[2]:>12}{cells[3]:>10}")
+            if ok:
+                lim = row.get("limits", limits)
+                # either side may compute a bfloat16 model's matmuls in float32 (ours does for prefill on CPUs
+                # without bf16 instructions), so the FLOP ceiling is the faster of the two matmul rates
+                flops = max(lim["matmul_float32"], lim[f"matmul_{dt_name(dtype)}"])
+                passes = row["tok_s"] / row["tokens_per_pass"]
+                done = (passes * flops_per_pass(row["tokens_per_pass"]) if name.startswith(("prefill", "long"))
+                        else row["tok_s"] * 2 * p_eff)
+                cells += [f"{100 * done / flops:.3g}%", f"{100 * passes * p_eff * elem / lim['read']:.3g}%"]
+            else:
+                cells += ["-", "-"]
+        rates = f"{max(lim['matmul_float32'], lim[f'matmul_{dt_name(dtype)}']) / 1e9:.0f}, {lim['read'] / 1e9:.1f}"
+        print(f"{name:<14}{cells[0]:>14}{cells[1]:>12}{cells[2]:>12}{cells[3]:>10}{rates:>24}")
+    print("(limits: zamba2's; transformers' phases have their own)")
 
 
 def agreement(z: dict, h: dict) -> dict:
@@ -394,7 +423,7 @@ def main() -> None:
             zamba2.quantize_int8(model)
             elems["zamba2"] = 1  # the matmul weights; the float embedding is read one row per token
         print("zamba2" + (" int8" if args.int8 else "") + ":", flush=True)
-        results["zamba2"] = run_phases(*ours(model), prompts, decode_prompts)
+        results["zamba2"] = run_phases(*ours(model), prompts, decode_prompts, lambda: machine_limits(dtype))
         if args.long:
             results["zamba2"][f"long prompt {args.long}"] = long_prompt(model, args.long)
         del model
@@ -405,14 +434,13 @@ def main() -> None:
             hf = transformers.Zamba2ForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
             hf.generation_config.eos_token_id = None  # always NEW_TOKENS tokens
             print(f"transformers {transformers.__version__}:", flush=True)
-            results["transformers"] = run_phases(*theirs(hf), prompts, decode_prompts)
+            results["transformers"] = run_phases(*theirs(hf), prompts, decode_prompts, lambda: machine_limits(dtype))
 
-    # a shared VM's memory and compute rates drift during a run: the limits are measured again at the end and
-    # the higher of the two is the ceiling each phase is compared with
+    # the phases have their own limits (run_phases); the run's, start and end, are for --long and the record
     end_limits = machine_limits(dtype)
     print_limits("machine limits at the end", end_limits)
     limits = {k: max(v, end_limits.get(k, 0.0)) for k, v in limits.items()}
-    print_tables(results, p_eff, elems, limits, dtype)
+    print_tables(results, p_eff, lambda t: prefill_flops(cfg, p_eff, t), elems, limits, dtype)
     other = other_cores(start)
     print(f"other processes used {other:.2f} cores on average during this run"
           + (": the timings are not reliable" if other > 0.1 else ""))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import zamba2
 from zamba2 import decode as compiled_decode, kernels
 from zamba2.decode import plain
-from zamba2.model import RMSNorm
+from zamba2.model import NATIVE_BF16, WIDE, RMSNorm, linear
 
 from conftest import random_model
 
@@ -91,6 +91,35 @@ def test_gemv_rejects_bad_input(k):
         k.gemv(torch.randn(4, 8).double(), torch.randn(1, 8))
     with pytest.raises(RuntimeError, match="scale per row"):
         k.gemv(torch.zeros(4, 8, dtype=torch.int8), torch.randn(1, 8))
+
+
+@pytest.mark.parametrize("rows,n,k_", [(17, 8, 8), (100, 1031, 517), (512, 1024, 512), (33, 37, 2049)])
+def test_linear_rows_equals_linear(k, rows, n, k_):
+    w, x = torch.randn(n, k_), torch.randn(rows, k_)
+    torch.testing.assert_close(k.linear_rows(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    x = torch.randn(k_, rows).t()  # a transposed view
+    torch.testing.assert_close(k.linear_rows(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_wide_prompt_matmuls_use_linear_rows(k, monkeypatch):
+    """model.linear sends a prompt's float32 matmul through linear_rows when the weight is WIDE, and bfloat16 there
+    too on CPUs without bf16 instructions (upcast), with the result of F.linear; narrow ones (adapters) and decode
+    rows stay on their own paths."""
+    used = []
+    monkeypatch.setattr(k, "linear_rows", lambda x, w, _f=k.linear_rows: used.append(w.shape) or _f(x, w))
+    w, b = torch.randn(WIDE[0] + 3, WIDE[1]), torch.randn(WIDE[0] + 3)
+    x = torch.randn(2, 40, WIDE[1])
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+        assert used == [w.shape]
+        linear(x[..., :32], w[:, :32])  # narrow input
+        linear(x[:, :5], w)  # decode rows
+        assert len(used) == 1
+        y = linear(x.bfloat16(), w.bfloat16())
+    assert y.dtype == torch.bfloat16 and len(used) == 1 + (not NATIVE_BF16)
+    torch.testing.assert_close(y.float(), F.linear(x.bfloat16().float(), w.bfloat16().float()), rtol=2e-2, atol=2e-2)
+    linear(x, w.requires_grad_())  # autograd: F.linear
+    assert len(used) == 1 + (not NATIVE_BF16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

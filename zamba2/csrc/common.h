@@ -1,4 +1,4 @@
-// What the CPU kernels share (cpu_decode.cpp, cpu_prefill.cpp): AVX2 loads and sums, a vectorised exp, SiLU,
+// What the CPU kernels share (cpu_decode.cpp, cpu_prefill.cpp, cpu_matmul.cpp): AVX2 loads and sums, a vectorised exp, SiLU,
 // softplus, and a Mamba2 mixer's small parameters. Built by zamba2/kernels.py.
 #pragma once
 
@@ -123,5 +123,8 @@ torch::Tensor mamba_prefill(const torch::Tensor& zxbcdt, const torch::Tensor& co
                             const torch::Tensor& conv_w, const c10::optional<torch::Tensor>& conv_b,
                             const torch::Tensor& dt_bias, const torch::Tensor& A_log, const torch::Tensor& D,
                             const torch::Tensor& norm_w, int64_t groups, double dt_min, double eps, int64_t chunk);
+
+// x [M, K] @ w [N, K]^T for a prompt's rows (cpu_matmul.cpp)
+torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& w);
 
 }  // namespace zamba2

@@ -518,6 +518,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
   m.def("mamba_step", &mamba_step, "one Mamba2 decode step between in_proj and out_proj");
+  m.def("linear_rows", &linear_rows, "x @ W.T for many rows (prefill), through W @ x.T");
   m.def("mamba_prefill", &mamba_prefill, "a Mamba2 mixer between in_proj and out_proj over a prompt piece");
   py::class_<Decoder>(m, "Decoder", "a whole model's decode step, one call per token")
       .def(py::init<torch::Tensor, std::vector<MambaArgs>, std::vector<c10::optional<VisitArgs>>, torch::Tensor,
