@@ -433,6 +433,7 @@ def main() -> None:
             transformers.logging.disable_progress_bar()
             hf = transformers.Zamba2ForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
             hf.generation_config.eos_token_id = None  # always NEW_TOKENS tokens
+            hf(prompts[PREFILL_LENGTHS[0]][:, :8])  # its first forward pages the weights in: no phase's memory
             print(f"transformers {transformers.__version__}:", flush=True)
             results["transformers"] = run_phases(*theirs(hf), prompts, decode_prompts, lambda: machine_limits(dtype))
 

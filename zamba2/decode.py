@@ -31,10 +31,10 @@ def weight(m: nn.Module) -> tuple:
     return m.weight, m.scale
 
 
-class _Built:
-    """A model's Decoder (None when a projection is not plain) and the module tree it was built from."""
+class ModuleTree:
+    """A snapshot of a model's module tree, to tell whether a module, parameter or buffer was replaced since."""
 
-    def __init__(self, model: nn.Module, k):
+    def __init__(self, model: nn.Module):
         self.dicts, self.keys, self.values = [], [], []
         for m in model.modules():
             for d in (m._modules, m._parameters, m._buffers):
@@ -44,10 +44,17 @@ class _Built:
                     self.values.append(v)  # held, so that the ids below stay theirs
         self.ids = list(map(id, self.values))
         self.tensors = [v for v in self.values if isinstance(v, torch.Tensor)]
-        self.decoder = _decoder(model, k)
 
     def current(self) -> bool:
         return list(map(id, map(dict.get, self.dicts, self.keys))) == self.ids
+
+
+class _Built(ModuleTree):
+    """A model's Decoder (None when a projection is not plain) and the module tree it was built from."""
+
+    def __init__(self, model: nn.Module, k):
+        super().__init__(model)
+        self.decoder = _decoder(model, k)
 
 
 _BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 
+from . import graphs
 from .model import Zamba2LM
 
 # prompt tokens per prefill forward: matmuls of 512 rows run at full speed while the activations of a piece
@@ -56,7 +58,8 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
     """Yield the next token of every sequence ([b]) as it is produced; finished sequences yield pad.
 
     The prompt is prefilled in pieces of `prefill_chunk` tokens through the cache, so the memory a
-    long prompt needs beyond its KV cache is bounded by the piece, not by the prompt.
+    long prompt needs beyond its KV cache is bounded by the piece, not by the prompt. On a GPU the
+    decode steps replay a CUDA graph (graphs.py).
     """
     cfg = model.config
     input_ids = torch.as_tensor(input_ids, device=model.device)
@@ -77,15 +80,19 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
     cache = model.new_cache(b, capacity=t + max_new_tokens)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
     logits = prefill(model, input_ids, cache, attention_mask, prefill_chunk=prefill_chunk)[:, -1]
-    for _ in range(max_new_tokens):
-        token = sample(logits, temperature, top_k, top_p, gen)
-        token = torch.where(done, torch.full_like(token, pad), token)
-        yield token
-        done |= torch.isin(token, eos)
-        if bool(done.all()):
-            return
-        logits = model(token[:, None], cache=cache, logits_to_keep=1)[:, -1]
-
+    with graphs.claim(model, b, t + max_new_tokens) if max_new_tokens > 1 else nullcontext() as graph:  # a GPU's
+        if graph is not None:
+            graph.load(cache)
+            cache = None  # the graph decodes from its own copy
+        for _ in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, gen)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            yield token
+            done |= torch.isin(token, eos)
+            if bool(done.all()):
+                return
+            logits = (graph.step(token) if graph is not None
+                      else model(token[:, None], cache=cache, logits_to_keep=1)[:, -1])
 
 def generate(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,

@@ -159,6 +159,12 @@ class Mamba2Mixer(nn.Module):
         if mask is not None:  # padding contributes nothing (and, with dt = 0 below, does not decay the state)
             u = u * mask[..., None].to(u.dtype)
         zx = self.in_proj(u)  # [b,l, z | xBC | dt]
+        if l == 1 and ssm_state is not None and mask is None and zx.is_cuda and conv_state.is_contiguous():
+            from . import gpu_kernels  # imports Triton, so only on a GPU
+
+            if (g := self.compiled(zx, gpu_kernels)) is not None:  # decode on a GPU: the Triton step
+                y = g.mamba_step(zx.view(b, -1), conv_state, ssm_state, *self.step_params())  # [b, d_inner]
+                return self.out_proj(y).view(b, 1, -1)
         if (mask is None and doc is None and zx.dtype in FUSED_DTYPES
                 and (conv_state is None or conv_state.is_contiguous())
                 and (k := self.compiled(zx)) is not None):  # inference on the CPU: compiled
@@ -196,12 +202,12 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(b, l, self.d_inner), gate=z)
         return self.out_proj(y.to(u.dtype))
 
-    def compiled(self, zx: Tensor):
-        """The compiled kernels for the mixer on the in_proj output zx (one decode token: mamba_step; a prompt
-        piece: mamba_prefill, csrc/cpu_prefill.cpp), or None: they have no backward, so nothing here may be
-        tracked by autograd (a LoRA in_proj's output is, while its base weight is not). The torch code of
-        forward() is their reference."""
-        return kernels.get(zx, *(t for t in self.step_params()[:6] if t is not None))
+    def compiled(self, zx: Tensor, backend=kernels):
+        """The compiled kernels for the mixer on the in_proj output zx, or None. On the CPU (kernels.py): one
+        decode token, mamba_step; a prompt piece, mamba_prefill (csrc/cpu_prefill.cpp). On a GPU (gpu_kernels.py):
+        mamba_step. They have no backward, so nothing here may be tracked by autograd (a LoRA in_proj's output is,
+        while its base weight is not). The torch code of forward() is their reference."""
+        return backend.get(zx, *(t for t in self.step_params()[:6] if t is not None))
 
     def step_params(self) -> tuple:
         return (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
@@ -244,7 +250,7 @@ class SharedBlock(nn.Module):
         self.pre_ff_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.feed_forward = SharedMLP(c)
 
-    def forward(self, hcat: Tensor, visit: "Layer", ctx: "_Context") -> Tensor:
+    def forward(self, hcat: Tensor, visit: "Layer", ctx: Context) -> Tensor:
         att, mlp = self.self_attn, self.feed_forward
         b, t, _ = hcat.shape
         h = self.input_layernorm(hcat)
@@ -303,7 +309,7 @@ class Layer(nn.Module):
             if c.use_shared_mlp_adapter:
                 self.mlp_adapter = adapter(c.hidden_size, r, 2 * c.intermediate_size)
 
-    def forward(self, x: Tensor, ctx: "_Context", shared: nn.ModuleList) -> Tensor:
+    def forward(self, x: Tensor, ctx: Context, shared: nn.ModuleList) -> Tensor:
         cache = ctx.cache
         conv = cache.conv[self.index] if cache is not None else None
         ssm = cache.ssm[self.index] if cache is not None else None
@@ -313,7 +319,7 @@ class Layer(nn.Module):
         return x + self.mamba(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm, ctx.doc)  # residual is x, not u
 
 
-class _Context:
+class Context:
     """What every layer of one forward shares: embeddings, padding mask, attention mask, RoPE, cache."""
 
     def __init__(self, **kw):
@@ -445,9 +451,13 @@ class Zamba2LM(nn.Module):
         x = self.embed_tokens(input_ids)  # [b,t,d]; no sqrt(d) scaling
         rope = (rope_tables(positions, c.attention_head_dim, c.effective_rope_theta, x.dtype)
                 if c.use_mem_rope else None)
-        ctx = _Context(embeddings=x, mask=mask, attn_mask=attn_mask, causal=causal, rope=rope, cache=cache,
+        ctx = Context(embeddings=x, mask=mask, attn_mask=attn_mask, causal=causal, rope=rope, cache=cache,
                        start=start, doc=doc_ids,
                        chunk_size=min(c.chunk_size, CPU_MAX_CHUNK) if x.device.type == "cpu" else c.chunk_size)
+        return self.body(x, ctx, logits_to_keep)
+
+    def body(self, x: Tensor, ctx: Context, logits_to_keep: int = 0) -> Tensor:
+        """Embeddings x [b,t,d] -> logits [b,t or logits_to_keep,vocab], through every layer (forward, graphs.py)."""
         for layer in self.layers:
             x = layer(x, ctx, self.shared_blocks)
         if logits_to_keep:
