@@ -14,6 +14,7 @@ from .model import Zamba2LM
 # prompt tokens per prefill forward: matmuls of 512 rows run at full speed while the activations of a piece
 # stay near the cache (a 2048-token prompt in 4 pieces ran 1.2x faster than in one forward on `small`)
 PREFILL_CHUNK = 512
+GPU_PREFILL_CHUNK = 4096  # on a GPU each piece costs ~60 kernel launches per layer: fewer, longer pieces
 
 
 def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -37,11 +38,12 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
 
 
 def prefill(model: Zamba2LM, input_ids: Tensor, cache, attention_mask: Tensor | None = None,
-            logits_to_keep: int = 1, prefill_chunk: int = PREFILL_CHUNK) -> Tensor:
-    """Run a prompt [b, t] into `cache` in pieces of `prefill_chunk` tokens, so that the memory it needs beyond
-    the cache is bounded by the piece. Returns the logits each piece keeps (`logits_to_keep`; 0 = all),
-    concatenated: [b, t or pieces * logits_to_keep, vocab]."""
+            logits_to_keep: int = 1, prefill_chunk: int | None = None) -> Tensor:
+    """Run a prompt [b, t] into `cache` in pieces of `prefill_chunk` tokens (default: PREFILL_CHUNK on the CPU,
+    GPU_PREFILL_CHUNK on a GPU), so that the memory it needs beyond the cache is bounded by the piece. Returns
+    the logits each piece keeps (`logits_to_keep`; 0 = all), concatenated: [b, t or pieces * logits_to_keep, vocab]."""
     t = input_ids.shape[1]
+    prefill_chunk = prefill_chunk or (PREFILL_CHUNK if model.device.type == "cpu" else GPU_PREFILL_CHUNK)
     out = []
     for s in range(0, t, prefill_chunk):
         e = min(s + prefill_chunk, t)
@@ -54,7 +56,7 @@ def prefill(model: Zamba2LM, input_ids: Tensor, cache, attention_mask: Tensor | 
 def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
            attention_mask: Tensor | None = None, seed: int | None = None,
-           prefill_chunk: int = PREFILL_CHUNK) -> Iterator[Tensor]:
+           prefill_chunk: int | None = None) -> Iterator[Tensor]:
     """Yield the next token of every sequence ([b]) as it is produced; finished sequences yield pad.
 
     The prompt is prefilled in pieces of `prefill_chunk` tokens through the cache, so the memory a
@@ -68,7 +70,7 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
     b, t = input_ids.shape
     if t == 0:
         raise ValueError("empty prompt: give at least one token (e.g. BOS)")
-    if max_new_tokens < 0 or prefill_chunk < 1:
+    if max_new_tokens < 0 or prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError("max_new_tokens must be >= 0 and prefill_chunk >= 1")
     if t + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
@@ -97,7 +99,7 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
 def generate(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
              attention_mask: Tensor | None = None, seed: int | None = None,
-             prefill_chunk: int = PREFILL_CHUNK) -> Tensor:
+             prefill_chunk: int | None = None) -> Tensor:
     """Token ids [b, prompt + new]. Stops per sequence at EOS (pads after it) and when all have stopped."""
     input_ids = torch.as_tensor(input_ids, device=model.device)
     if input_ids.dim() == 1:
