@@ -338,23 +338,22 @@ def print_tables(results: dict, p_eff: int, flops_per_pass, elems: dict, limits:
           f"  weight bytes/s = passes/s x {p_eff / 1e6:.1f}M x {elems['zamba2']} B (zamba2), x "
           f"{elems['transformers']} B (transformers); one pass per prefill or decode step; vs the memory read rate")
     print(f"{'phase':<14}{'zamba2 %FLOP':>14}{'zamba2 %BW':>12}{'hf %FLOP':>12}{'hf %BW':>10}{'limits GFLOP/s, GB/s':>24}")
+    # either side may compute a bfloat16 model's matmuls in float32 (ours does for prefill on CPUs without bf16
+    # instructions), so the FLOP ceiling is the faster of the two matmul rates
+    ceiling = lambda lim: max(lim["matmul_float32"], lim[f"matmul_{dt_name(dtype)}"])  # noqa: E731
     for name in z:
         cells = []
-        lim = z[name].get("limits", limits)
         for row, elem in ((z[name], elems["zamba2"]), (h.get(name), elems["transformers"])):
-            ok = row is not None and "tok_s" in row
-            if ok:
-                lim = row.get("limits", limits)
-                # either side may compute a bfloat16 model's matmuls in float32 (ours does for prefill on CPUs
-                # without bf16 instructions), so the FLOP ceiling is the faster of the two matmul rates
-                flops = max(lim["matmul_float32"], lim[f"matmul_{dt_name(dtype)}"])
-                passes = row["tok_s"] / row["tokens_per_pass"]
-                done = (passes * flops_per_pass(row["tokens_per_pass"]) if name.startswith(("prefill", "long"))
-                        else row["tok_s"] * 2 * p_eff)
-                cells += [f"{100 * done / flops:.3g}%", f"{100 * passes * p_eff * elem / lim['read']:.3g}%"]
-            else:
+            if row is None or "tok_s" not in row:
                 cells += ["-", "-"]
-        rates = f"{max(lim['matmul_float32'], lim[f'matmul_{dt_name(dtype)}']) / 1e9:.0f}, {lim['read'] / 1e9:.1f}"
+                continue
+            lim = row.get("limits", limits)
+            passes = row["tok_s"] / row["tokens_per_pass"]
+            done = (passes * flops_per_pass(row["tokens_per_pass"]) if name.startswith(("prefill", "long"))
+                    else row["tok_s"] * 2 * p_eff)
+            cells += [f"{100 * done / ceiling(lim):.3g}%", f"{100 * passes * p_eff * elem / lim['read']:.3g}%"]
+        lim = z[name].get("limits", limits)
+        rates = f"{ceiling(lim) / 1e9:.0f}, {lim['read'] / 1e9:.1f}"
         print(f"{name:<14}{cells[0]:>14}{cells[1]:>12}{cells[2]:>12}{cells[3]:>10}{rates:>24}")
     print("(limits: zamba2's; transformers' phases have their own)")
 

@@ -96,6 +96,7 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
             logits = (graph.step(token) if graph is not None
                       else model(token[:, None], cache=cache, logits_to_keep=1)[:, -1])
 
+
 def generate(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
              attention_mask: Tensor | None = None, seed: int | None = None,

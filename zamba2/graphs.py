@@ -10,9 +10,9 @@ length. It is plain torch code, so its equality with forward is tested on the CP
 it without a graph; the captured graph is tested on a GPU (tests marked `cuda`).
 
 A GraphDecoder owns its cache (the graph reads fixed addresses): generate prefills a cache of its own as
-usual, `load`s it, then calls `step` per token, holding it meanwhile (`claim`). Decoders are kept per model for a batch size and a
-capacity rounded up to a power of two, at most KEEP of them (each holds a KV cache).
-ZAMBA2_CUDA_GRAPHS=0 turns them off.
+usual, `load`s it, then calls `step` per token, holding the decoder meanwhile (`claim`). Decoders are kept
+per model for a batch size and a capacity rounded up to a power of two, at most KEEP of them (each holds a
+KV cache). ZAMBA2_CUDA_GRAPHS=0 turns them off.
 """
 
 from __future__ import annotations

@@ -452,8 +452,8 @@ class Zamba2LM(nn.Module):
         rope = (rope_tables(positions, c.attention_head_dim, c.effective_rope_theta, x.dtype)
                 if c.use_mem_rope else None)
         ctx = Context(embeddings=x, mask=mask, attn_mask=attn_mask, causal=causal, rope=rope, cache=cache,
-                       start=start, doc=doc_ids,
-                       chunk_size=min(c.chunk_size, CPU_MAX_CHUNK) if x.device.type == "cpu" else c.chunk_size)
+                      start=start, doc=doc_ids,
+                      chunk_size=min(c.chunk_size, CPU_MAX_CHUNK) if x.device.type == "cpu" else c.chunk_size)
         return self.body(x, ctx, logits_to_keep)
 
     def body(self, x: Tensor, ctx: Context, logits_to_keep: int = 0) -> Tensor:
