@@ -114,6 +114,7 @@ def main() -> None:
     if not args.skip_hf:
         import transformers
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
         with tempfile.TemporaryDirectory() as tmp:
             model.save(tmp)
             del model
