@@ -154,13 +154,14 @@ SHAPES = {  # the 1.2B-like default (RoPE, q/k/v adapters, two shared blocks, 2 
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 3])
+# each side decodes its own greedy tokens: over 20 rows, bfloat16 rounding flips a near-tie somewhere
+@pytest.mark.parametrize("dtype,batch", [(torch.float32, 1), (torch.float32, 3), (torch.float32, 20),
+                                         (torch.bfloat16, 1), (torch.bfloat16, 3)])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_decode_equals_torch_code(k, calls, dtype, batch, shape):
     """Every layer kind (plain and hybrid Mamba layers, shared blocks with their adapters) over steps that cross
-    chunk boundaries: logits and every cached state stay equal to the torch code's. Batches of 3 are
-    left-padded, so attention must skip the padding slots."""
+    chunk boundaries: logits and every cached state stay equal to the torch code's. Batches over 1 are
+    left-padded, so attention must skip the padding slots; over 16 rows float32 projections run linear_rows."""
     model = random_model(use_conv_bias=True, **SHAPES[shape]).to(dtype)
     prompt = torch.randint(0, model.config.vocab_size, (batch, 11))
     mask = torch.ones_like(prompt)

@@ -124,7 +124,8 @@ torch::Tensor mamba_prefill(const torch::Tensor& zxbcdt, const torch::Tensor& co
                             const torch::Tensor& dt_bias, const torch::Tensor& A_log, const torch::Tensor& D,
                             const torch::Tensor& norm_w, int64_t groups, double dt_min, double eps, int64_t chunk);
 
-// x [M, K] @ w [N, K]^T for a prompt's rows (cpu_matmul.cpp)
+// x [M, K] @ w [N, K]^T for a prompt's rows, or a large batch's (cpu_matmul.cpp), into y [M, N]
 torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& w);
+void linear_rows(const torch::Tensor& x, const torch::Tensor& w, float* y);
 
 }  // namespace zamba2

@@ -94,10 +94,8 @@ void check(const Weight& wt, torch::ScalarType dtype) {
 void matvec(const Weight& wt, const float* x, float* y, int64_t R) {
   const torch::Tensor& w = std::get<0>(wt);
   const int64_t N = w.size(0), K = w.size(1);
-  if (w.scalar_type() == torch::kFloat32 && R > 16) {  // many rows (batched decode): BLAS's GEMM is faster here
-    const auto opts = torch::TensorOptions().dtype(torch::kFloat32);
-    torch::Tensor out = torch::from_blob(y, {R, N}, opts);
-    at::mm_out(out, torch::from_blob(const_cast<float*>(x), {R, K}, opts), w.t());
+  if (w.scalar_type() == torch::kFloat32 && R > 16) {  // many rows (batched decode): BLAS, W @ x^T (cpu_matmul.cpp)
+    linear_rows(torch::from_blob(const_cast<float*>(x), {R, K}, torch::TensorOptions().dtype(torch::kFloat32)), w, y);
     return;
   }
   if (w.scalar_type() == torch::kFloat32) return gemv_impl(w.data_ptr<float>(), x, y, R, N, K);
@@ -518,7 +516,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows (decode)");
   m.def("mamba_step", &mamba_step, "one Mamba2 decode step between in_proj and out_proj");
-  m.def("linear_rows", &linear_rows, "x @ W.T for many rows (prefill), through W @ x.T");
+  m.def("linear_rows", py::overload_cast<const torch::Tensor&, const torch::Tensor&>(&linear_rows),
+        "x @ W.T for many rows (prefill), through W @ x.T");
   m.def("mamba_prefill", &mamba_prefill, "a Mamba2 mixer between in_proj and out_proj over a prompt piece");
   py::class_<Decoder>(m, "Decoder", "a whole model's decode step, one call per token")
       .def(py::init<torch::Tensor, std::vector<MambaArgs>, std::vector<c10::optional<VisitArgs>>, torch::Tensor,

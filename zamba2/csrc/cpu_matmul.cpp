@@ -53,12 +53,16 @@ void transpose(const float* src, float* dst, int64_t rows, int64_t cols) {
 
 }  // namespace
 
-torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& w) {
+void linear_rows(const torch::Tensor& x, const torch::Tensor& w, float* y) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == torch::kFloat32 &&
               w.scalar_type() == torch::kFloat32, "linear_rows: float32 x [M, K] and w [N, K]");
   const torch::Tensor yt = at::mm(w, x.t()).contiguous();  // [N, M]
+  transpose(yt.data_ptr<float>(), y, yt.size(0), yt.size(1));
+}
+
+torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& w) {
   torch::Tensor y = torch::empty({x.size(0), w.size(0)}, x.options());
-  transpose(yt.data_ptr<float>(), y.data_ptr<float>(), yt.size(0), yt.size(1));
+  linear_rows(x, w, y.data_ptr<float>());
   return y;
 }
 
