@@ -2,8 +2,8 @@
 
 Decode on a CPU is a stream of small matrix-vector products and ~40 tiny ops per layer; in eager torch
 both fall well short of the memory bandwidth (bench/compare.py), and the prefill's scan runs far below the
-matmul rate. The kernels (cpu_decode.cpp, cpu_prefill.cpp) replace them for inference on x86 CPUs with
-AVX2 + FMA. Where they cannot be built (no compiler, another CPU) or ZAMBA2_CPU_KERNELS=0,
+matmul rate. The kernels (cpu_decode.cpp, cpu_prefill.cpp, and cpu_matmul.cpp for the prompts' matmuls)
+replace them for inference on x86 CPUs with AVX2 + FMA. Where they cannot be built (no compiler, another CPU) or ZAMBA2_CPU_KERNELS=0,
 `get()` returns None and the model runs its torch code, which is also the reference the tests compare with.
 The build is cached by torch under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR moves it).
 """
