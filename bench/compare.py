@@ -256,11 +256,11 @@ def theirs(hf):
     return prefill, decode
 
 
-def run_phases(prefill, decode, prompts: dict, decode_prompts: dict, limits) -> dict:
+def run_phases(prefill, decode, prompts: dict, decode_prompts: dict, limits, before: dict) -> dict:
     """Every phase of one implementation: tokens/s, peak extra RSS, outputs, and the machine limits (the higher
-    of those measured by `limits()` before and after the phase). A prefill whose memory, extrapolated linearly
-    from the previous length, would not fit in MemAvailable is skipped, not run."""
-    res, prev, before = {}, None, limits()
+    of those measured by `limits()` before and after the phase; `before` is the first phase's). A prefill whose
+    memory, extrapolated linearly from the previous length, would not fit in MemAvailable is skipped, not run."""
+    res, prev = {}, None
     for t, ids in prompts.items():
         name = f"prefill {t}"
         if prev is not None:
@@ -422,7 +422,7 @@ def main() -> None:
             zamba2.quantize_int8(model)
             elems["zamba2"] = 1  # the matmul weights; the float embedding is read one row per token
         print("zamba2" + (" int8" if args.int8 else "") + ":", flush=True)
-        results["zamba2"] = run_phases(*ours(model), prompts, decode_prompts, lambda: machine_limits(dtype))
+        results["zamba2"] = run_phases(*ours(model), prompts, decode_prompts, lambda: machine_limits(dtype), limits)
         if args.long:
             results["zamba2"][f"long prompt {args.long}"] = long_prompt(model, args.long)
         del model
@@ -434,7 +434,8 @@ def main() -> None:
             hf.generation_config.eos_token_id = None  # always NEW_TOKENS tokens
             hf(prompts[PREFILL_LENGTHS[0]][:, :8])  # its first forward pages the weights in: no phase's memory
             print(f"transformers {transformers.__version__}:", flush=True)
-            results["transformers"] = run_phases(*theirs(hf), prompts, decode_prompts, lambda: machine_limits(dtype))
+            results["transformers"] = run_phases(*theirs(hf), prompts, decode_prompts, lambda: machine_limits(dtype),
+                                             machine_limits(dtype))
 
     # the phases have their own limits (run_phases); the run's, start and end, are for --long and the record
     end_limits = machine_limits(dtype)

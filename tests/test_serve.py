@@ -208,17 +208,9 @@ def test_64_concurrent_requests_match_sent_alone_and_share_steps(client, server)
     def send(p):
         return client.completions.create(prompt=p, **kw).choices[0].text
 
-    t0 = time.perf_counter()
     alone = [send(p) for p in prompts]  # one at a time
-    t_alone = time.perf_counter() - t0
-    steps = httpx.get(f"{server}/health").json()["steps"]
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(64) as pool:
         together = list(pool.map(send, prompts, timeout=120))
-    t_together = time.perf_counter() - t0
-    health = httpx.get(f"{server}/health").json()
     assert together == alone
-    assert health["peak_batch"] >= 8  # requests really shared decode steps
-    # the throughput gain is measured by bench/serve_load.py, not asserted here (timings vary with the machine)
-    print(f"\n64 requests x 16 tokens: one at a time {t_alone:.2f} s, concurrent {t_together:.2f} s "
-          f"({health['steps'] - steps} batched steps)")
+    # requests really shared decode steps; the throughput this gains is measured by bench/serve_load.py
+    assert httpx.get(f"{server}/health").json()["peak_batch"] >= 8

@@ -16,6 +16,8 @@ import sys
 import torch
 from torch import Tensor
 
+from . import kernels
+
 try:
     import triton
     import triton.language as tl
@@ -26,13 +28,7 @@ except ImportError:  # no Triton: the torch code runs
 def get(*tensors: Tensor):
     """This module when its kernels can run on `tensors` (Triton installed, CUDA tensors, no autograd), else None
     (the same contract as kernels.get)."""
-    if triton is None:
-        return None
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if not t.is_cuda or grad and t.requires_grad:
-            return None
-    return sys.modules[__name__]
+    return sys.modules[__name__] if triton is not None and kernels.untracked(tensors, "cuda") else None
 
 
 if triton is not None:

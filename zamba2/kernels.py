@@ -3,8 +3,8 @@
 Decode on a CPU is a stream of small matrix-vector products and ~40 tiny ops per layer; in eager torch
 both fall well short of the memory bandwidth (bench/compare.py), and the prefill's scan runs far below the
 matmul rate. The kernels (cpu_decode.cpp, cpu_prefill.cpp, and cpu_matmul.cpp for the prompts' matmuls)
-replace them for inference on x86 CPUs with AVX2 + FMA. Where they cannot be built (no compiler, another CPU) or ZAMBA2_CPU_KERNELS=0,
-`get()` returns None and the model runs its torch code, which is also the reference the tests compare with.
+replace them for inference on x86 CPUs with AVX2 + FMA. Where they cannot be built (no compiler, another
+CPU) or ZAMBA2_CPU_KERNELS=0, `get()` returns None and the model runs its torch code, which is also the reference the tests compare with.
 The build is cached by torch under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR moves it).
 """
 
@@ -25,13 +25,17 @@ ENABLED = os.environ.get("ZAMBA2_CPU_KERNELS", "1") != "0"
 def get(*tensors: torch.Tensor):
     """The kernel module for an inference op on `tensors`, or None: disabled, not built here, a tensor off the
     CPU, or autograd tracking one (the kernels have no backward)."""
-    if not ENABLED:
-        return None
+    return _build() if ENABLED and untracked(tensors, "cpu") else None
+
+
+def untracked(tensors, device_type: str) -> bool:
+    """Whether all `tensors` are on `device_type` and autograd tracks none (the compiled kernels, here and in
+    gpu_kernels.py, have no backward)."""
     grad = torch.is_grad_enabled()
     for t in tensors:  # a plain loop: this runs several times per layer and token
-        if not t.is_cpu or grad and t.requires_grad:
-            return None
-    return _build()
+        if t.device.type != device_type or grad and t.requires_grad:
+            return False
+    return True
 
 
 @functools.cache

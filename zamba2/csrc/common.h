@@ -1,5 +1,5 @@
-// What the CPU kernels share (cpu_decode.cpp, cpu_prefill.cpp, cpu_matmul.cpp): AVX2 loads and sums, a vectorised exp, SiLU,
-// softplus, and a Mamba2 mixer's small parameters. Built by zamba2/kernels.py.
+// What the CPU kernels share (cpu_decode.cpp, cpu_prefill.cpp, cpu_matmul.cpp): AVX2 loads and sums, a
+// vectorised exp, SiLU, softplus, and a Mamba2 mixer's small parameters. Built by zamba2/kernels.py.
 #pragma once
 
 #include <torch/extension.h>
@@ -97,7 +97,6 @@ inline Mixer<T> mixer(const torch::Tensor& ssm_state, const torch::Tensor& conv_
           ssm_state.size(3), groups, conv_w.size(0), conv_w.size(-1), proj, static_cast<float>(dt_min),
           static_cast<float>(eps)};
 }
-
 
 // Mamba2's gated RMSNorm of one token's y [H*P] in place, per group of d_inner / G channels:
 // w * (y silu(z)) / rms(y silu(z)); z [H*P] float, scratch [d_inner / G] float.
