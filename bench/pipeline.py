@@ -19,6 +19,7 @@ import hashlib
 import json
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from zamba2.pipeline.minhash import estimate_jaccard, shingle_strings
 from zamba2.pipeline.normalize import normalize
 from zamba2.pipeline.read import records
 from zamba2.pipeline.stages import sketch
-from zamba2.pipeline.synthetic import Generator, pair_scores
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the helpers tests and bench share
+from helpers.synthetic import Generator, pair_scores
 
 SOURCES = 3
 
@@ -98,7 +100,7 @@ def stage_rates(corpus: Path, n: int) -> None:
     edges = [star_edges(row) for row in keys]
     components(n, np.concatenate([e[0] for e in edges]), np.concatenate([e[1] for e in edges]))
     print(f"sketch + LSH + union-find (zyda1) {rate(n, t_sketch + time.perf_counter() - t0)}")
-    from zamba2.tokenizer import load_tokenizer
+    from zamba2.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     _, t = timed(lambda: [tok.encode(x) for x in normal])

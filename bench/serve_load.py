@@ -10,14 +10,17 @@ concurrent answer equals the one it got alone, and reports generated tokens/s bo
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 
 import zamba2
-from zamba2.serve.process import start_server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the helpers tests and bench share
+from helpers.process import start_server
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare import cpu_summary, effective_params, machine_limits  # noqa: E402
 
 import zamba2  # noqa: E402
-from zamba2.train import NO_DECAY  # noqa: E402
+from zamba2.train.trainer import NO_DECAY  # noqa: E402
 
 
 def flops_per_token(model: zamba2.Zamba2LM, seq: int) -> dict:

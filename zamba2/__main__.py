@@ -35,8 +35,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from .data import prepare, read_documents
-    from .tokenizer import Tokenizer, load_tokenizer
+    from .train.data import prepare, read_documents
+    from .text.tokenizer import Tokenizer, load_tokenizer
 
     tok = Tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer()
     stats: dict = {}
@@ -46,8 +46,8 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from . import parallel
-    from .train import Trainer, TrainConfig
+    from .train import parallel
+    from .train.trainer import Trainer, TrainConfig
 
     flags = dict(data=args.data, out=args.out, model=args.model, steps=args.steps)
     cfg = TrainConfig.from_toml(args.config, **flags) if args.config else TrainConfig.from_dict(
@@ -60,8 +60,8 @@ def cmd_train(args) -> None:
 
 def finetune_config(args):
     """TrainConfig + LoRA (or None) from the `finetune` flags."""
-    from .lora import LoRA
-    from .train import TrainConfig
+    from .train.lora import LoRA
+    from .train.trainer import TrainConfig
 
     lora = None
     if args.lora_rank:
@@ -78,7 +78,7 @@ def finetune_config(args):
 
 
 def cmd_dpo(args) -> None:
-    from .dpo import dpo
+    from .train.dpo import dpo
 
     cfg, lora = finetune_config(args)
     stats = dpo(cfg, args.beta, lora, args.merge, args.resume)
@@ -88,7 +88,7 @@ def cmd_dpo(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from .finetune import finetune
+    from .train.finetune import finetune
 
     cfg, lora = finetune_config(args)
     stats = finetune(cfg, lora, args.merge, args.resume, args.too_long)
@@ -115,7 +115,7 @@ def cmd_eval_perplexity(args) -> None:
     import torch
 
     from . import load, load_tokenizer
-    from .data import read_documents
+    from .train.data import read_documents
     from .eval.perplexity import perplexity
 
     model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)

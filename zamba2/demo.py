@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load
-from .data import IGNORE, prepare
-from .generate import generate
-from .tokenizer import load_tokenizer
-from .train import Trainer, TrainConfig, evaluate
+from .model.checkpoint import load
+from .train.data import IGNORE, prepare
+from .infer.generate import generate
+from .text.tokenizer import load_tokenizer
+from .train.trainer import Trainer, TrainConfig, evaluate
 
 DEMO_MODEL = dict(vocab_size=32000, hidden_size=128, num_hidden_layers=6,
                   layers_block_type=["mamba", "mamba", "hybrid", "mamba", "mamba", "hybrid"], intermediate_size=256,

@@ -21,9 +21,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from ..checkpoint import load
-from ..generate import stream
-from ..tokenizer import load_tokenizer
+from ..model.checkpoint import load
+from ..infer.generate import stream
+from ..text.tokenizer import load_tokenizer
 
 
 @register_model("zamba2")

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
-from ..model import Zamba2LM
-from ..tokenizer import Tokenizer
+from ..model.zamba2 import Zamba2LM
+from ..text.tokenizer import Tokenizer
 
 
 @torch.inference_mode()

@@ -14,7 +14,7 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..data import jsonl_text
+from ..train.data import jsonl_text
 
 FORMATS = (".jsonl", ".json", ".parquet", ".txt")
 

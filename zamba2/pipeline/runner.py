@@ -66,7 +66,7 @@ def run(cfg: PipelineConfig, verbose: bool = True) -> dict:
 
 
 def finalize_tokens(cfg: PipelineConfig, selected: list[dict], shards: list[dict]) -> dict:
-    """Gathers the per-shard token files into OUT as shard-NNNNN.* + meta.json (`zamba2.data` format).
+    """Gathers the per-shard token files into OUT as shard-NNNNN.* + meta.json (`zamba2.train.data` format).
 
     Shards alternate between sources (round robin), so a training run reading them in order sees the
     mix early instead of one source after another. Files are hard-linked, not copied, where possible.

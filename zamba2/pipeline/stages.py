@@ -52,7 +52,7 @@ def _source(cfg: PipelineConfig, name: str) -> Source:
 
 
 def _tokenizer(cfg: PipelineConfig):
-    from ..tokenizer import Tokenizer, load_tokenizer
+    from ..text.tokenizer import Tokenizer, load_tokenizer
 
     key = ("tok", cfg.tokenize.tokenizer)
     if key not in _CACHE:
@@ -351,8 +351,8 @@ def _classify(cfg: PipelineConfig, texts: list[str]) -> np.ndarray:
 
 
 def _tokenize(cfg: PipelineConfig, texts: list[str], path: Path) -> int:
-    """One token shard (`zamba2.data` format) at path.bin / path.docs.npy; returns its token count."""
-    from ..data import prepare
+    """One token shard (`zamba2.train.data` format) at path.bin / path.docs.npy; returns its token count."""
+    from ..train.data import prepare
 
     if not any(texts):
         return 0

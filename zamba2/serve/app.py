@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from ..model import Zamba2LM
-from ..tokenizer import Tokenizer
+from ..model.zamba2 import Zamba2LM
+from ..text.tokenizer import Tokenizer
 from .chat import ChatTemplate, TextCodec, read_tokenizer_config
 from .engine import Engine, Event, QueueFull
 from .engine import Request as EngineRequest
@@ -436,9 +436,9 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str
     import torch
     import uvicorn
 
-    from ..checkpoint import load
-    from ..quant import quantize_int8
-    from ..tokenizer import load_tokenizer
+    from ..model.checkpoint import load
+    from ..infer.quant import quantize_int8
+    from ..text.tokenizer import load_tokenizer
 
     model = load(model_path, dtype=getattr(torch, dtype), device=device)
     if int8:

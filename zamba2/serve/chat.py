@@ -14,7 +14,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from ..tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 from .protocol import APIError
 
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..generate import prefill, sample
-from ..model import Zamba2LM
+from ..infer.generate import prefill, sample
+from ..model.zamba2 import Zamba2LM
 
 
 class QueueFull(Exception):

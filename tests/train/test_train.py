@@ -1,0 +1,125 @@
+"""Data shards, packing, the schedule, parameter groups, and exact resume."""
+
+import json
+
+import pytest
+import torch
+
+import zamba2
+from zamba2.train.data import IGNORE, PackedLoader, TokenData, prepare, read_documents
+from zamba2.train.trainer import NO_DECAY, Trainer, TrainConfig, learning_rate, param_groups
+
+TINY = dict(vocab_size=32000, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    lines = [json.dumps({"text": f"Document {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 5 + 1)})
+             for i in range(60)]
+    lines.insert(3, "{broken json")
+    lines.insert(7, json.dumps({"no_text": 1}))
+    (root / "docs.jsonl").write_text("\n".join(lines))
+    stats = {}
+    meta = prepare(read_documents([root / "docs.jsonl"], stats=stats), root / "shards", zamba2.load_tokenizer(),
+                   shard_tokens=500, stats=stats)
+    assert meta["bad_lines"] == 2 and meta["docs"] == 60 and len(meta["shards"]) > 1
+    return root / "shards"
+
+
+def test_rows_mark_documents_and_mask_cross_document_targets(data_dir):
+    data = TokenData(data_dir)
+    batch = PackedLoader(data, seq_len=64, batch_size=3).next_batch()
+    ids, labels, doc = batch["input_ids"], batch["labels"], batch["doc_ids"]
+    assert ids.shape == labels.shape == doc.shape == (3, 64)
+    tok = zamba2.load_tokenizer()
+    starts = ids == tok.bos_id
+    # a new document starts exactly where a <s> is, and the <s> is never a target
+    assert torch.equal(starts[:, 1:], doc[:, 1:] != doc[:, :-1])
+    assert torch.equal(labels[:, :-1][starts[:, 1:]], torch.full_like(labels[:, :-1][starts[:, 1:]], IGNORE))
+
+
+def test_loader_resumes_at_the_same_batch(data_dir):
+    loader = PackedLoader(TokenData(data_dir), 32, 2)
+    loader.next_batch()
+    state = loader.state_dict()
+    expected = loader.next_batch()
+    other = PackedLoader(TokenData(data_dir), 32, 2)
+    other.load_state_dict(state)
+    assert torch.equal(other.next_batch()["input_ids"], expected["input_ids"])
+
+
+def test_schedule_is_warmup_stable_decay_then_anneal():
+    cfg = TrainConfig(data="x", steps=100, warmup_steps=10, decay_fraction=0.2, lr=1.0, anneal_data="y",
+                      anneal_steps=20, anneal_warmup_steps=5, anneal_lr_factor=0.75)
+    lrs = [learning_rate(cfg, s) for s in range(120)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[79] == 1.0
+    assert lrs[99] < 0.06 and all(a >= b for a, b in zip(lrs[80:100], lrs[81:100]))
+    assert max(lrs[100:]) == 0.75 and lrs[119] < 0.05
+
+
+def test_no_weight_decay_on_norms_biases_and_ssm_parameters():
+    model = zamba2.Zamba2LM(zamba2.tiny(add_bias_linear=True))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() >= 2 for p in decay["params"])  # matrices and conv kernels
+    skipped = {names[id(p)].split(".")[-1] for p in no_decay["params"]}
+    assert set(NO_DECAY) <= skipped and "bias" in skipped and "weight" in skipped  # norm weights
+
+
+def run_config(data_dir, out, **kw):
+    return TrainConfig.from_dict(dict(data=str(data_dir), out=str(out), model="tiny", model_overrides=TINY,
+                                      seq_len=32, batch_size=2, steps=8, warmup_steps=2, lr=1e-2, eval_every=4,
+                                      eval_batches=1, save_every=3, log_every=1, val_fraction=0.1, **kw))
+
+
+def test_interrupted_run_resumes_with_identical_losses(data_dir, tmp_path):
+    straight = Trainer(run_config(data_dir, tmp_path / "a")).run()
+    first = Trainer(run_config(data_dir, tmp_path / "b")).run(stop_after=5)  # checkpoint at step 3, then "crash"
+    resumed = Trainer(run_config(data_dir, tmp_path / "b"), resume=True)
+    assert resumed.step == 3
+    assert first[:3] + resumed.run() == straight
+    assert straight[-1] < straight[0]
+    # the final checkpoint is a plain model folder
+    ckpt = zamba2.load(tmp_path / "a" / "checkpoint")
+    assert ckpt.config.vocab_size == 32000
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_ppl" in r for r in records) and all("loss" in r or "val_loss" in r for r in records)
+
+
+def test_metrics_also_go_to_tensorboard(data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(run_config(data_dir, tmp_path)).run()
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "val_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
+
+
+def test_annealing_phase_mixes_replay(data_dir, tmp_path):
+    cfg = run_config(data_dir, tmp_path / "c", anneal_data=str(data_dir), anneal_steps=3, anneal_replay=0.5)
+    losses = Trainer(cfg).run()
+    assert len(losses) == 11
+
+
+def test_bad_training_input_is_named(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"data": "x", "learning_rate": 1})
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        Trainer(TrainConfig.from_dict({"data": str(tmp_path)}))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        Trainer(run_config(data_dir, tmp_path / "empty"), resume=True)
+    with pytest.raises(ValueError, match="neither a preset"):
+        Trainer(TrainConfig.from_dict({"data": str(data_dir), "model": str(tmp_path / "nope"), "seq_len": 32}))
+    with pytest.raises(ValueError, match="need at least seq_len"):
+        Trainer(TrainConfig.from_dict({"data": str(data_dir), "seq_len": 100_000}))
+    (tmp_path / "run.toml").write_text("[train\nsteps = 3")
+    with pytest.raises(ValueError, match="invalid TOML"):
+        TrainConfig.from_toml(tmp_path / "run.toml")
+
+
+def test_toml_run_config(tmp_path):
+    (tmp_path / "run.toml").write_text('[train]\ndata = "d"\nsteps = 7\nmodel = "tiny"\n[model]\nhidden_size = 64\n')
+    cfg = TrainConfig.from_toml(tmp_path / "run.toml", steps=9)
+    assert cfg.steps == 9 and cfg.model_overrides == {"hidden_size": 64}

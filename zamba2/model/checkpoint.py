@@ -1,0 +1,268 @@
+"""Hugging Face checkpoint folders <-> Zamba2LM.
+
+A folder holds config.json and the weights: model.safetensors, or shards listed in
+model.safetensors.index.json (pytorch_model*.bin is read too, for re-saved fine-tunes). Tensors are
+read only from the files the index names, never by globbing.
+
+The key map is the literal table HF_KEYS. Placeholders: {i} layer, {j} hybrid visit (0-based position
+among the hybrid layers), {b} shared block, {w} the rest of the name. On the right, {J} is the layer
+of visit j and {B} the shared block used at layer i. The first matching row wins.
+
+Published checkpoints store each shared block once, under its first hybrid layer (the "source"
+layer); fine-tuned re-saves often duplicate it under every hybrid layer: copies are accepted and must
+be equal. Some Hub repos (the 7B) also carry a legacy layout (model.blocks / mamba_layers /
+linear_layers); it is used only when no model.layers.* key exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Config
+from .zamba2 import Zamba2LM
+
+HF_KEYS = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.final_layernorm.weight": "final_layernorm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.input_layernorm.weight",
+    "model.layers.{i}.mamba.{w}": "layers.{i}.mamba.{w}",
+    "model.layers.{i}.mamba_decoder.input_layernorm.weight": "layers.{i}.input_layernorm.weight",
+    "model.layers.{i}.mamba_decoder.mamba.{w}": "layers.{i}.mamba.{w}",
+    "model.layers.{i}.linear.weight": "layers.{i}.linear.weight",
+    "model.layers.{i}.shared_transformer.self_attn.linear_{qkv}_adapter_list.{j}.{ab}.weight":
+        "layers.{J}.{qkv}_adapter.{ab}.weight",
+    "model.layers.{i}.shared_transformer.feed_forward.gate_up_proj_adapter_list.{j}.{ab}.weight":
+        "layers.{J}.mlp_adapter.{ab}.weight",
+    "model.layers.{i}.shared_transformer.{w}": "shared_blocks.{B}.{w}",
+    # legacy layout
+    "model.blocks.{b}.feed_forward.linear_fc1.weight": "shared_blocks.{b}.feed_forward.gate_up_proj.weight",
+    "model.blocks.{b}.feed_forward.linear_fc2.weight": "shared_blocks.{b}.feed_forward.down_proj.weight",
+    "model.blocks.{b}.feed_forward.linear_fc1_lora_A_list.{j}.weight": "layers.{J}.mlp_adapter.0.weight",
+    "model.blocks.{b}.feed_forward.linear_fc1_lora_B_list.{j}.weight": "layers.{J}.mlp_adapter.1.weight",
+    "model.blocks.{b}.self_attn.linear_{qkv}_adapter_list.{j}.{ab}.weight": "layers.{J}.{qkv}_adapter.{ab}.weight",
+    "model.blocks.{b}.{w}": "shared_blocks.{b}.{w}",
+    "model.mamba_layers.{i}.{w}": "layers.{i}.{w}",
+    "model.linear_layers.{j}.weight": "layers.{J}.linear.weight",
+}
+LEGACY_PREFIXES = ("model.blocks.", "model.mamba_layers.", "model.linear_layers.")
+_SLOTS = {"i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "b": r"(?P<b>\d+)", "qkv": r"(?P<qkv>[qkv])",
+          "ab": r"(?P<ab>[01])", "w": r"(?P<w>.+)"}
+_PATTERNS = [(re.compile(re.escape(src).replace(r"\{", "{").replace(r"\}", "}").format(**_SLOTS) + "$"), dst)
+             for src, dst in HF_KEYS.items()]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as the model its config describes."""
+
+
+def hf_to_native(key: str, cfg: Config) -> str | None:
+    """Our parameter name for a checkpoint key (None if no row of HF_KEYS matches)."""
+    hybrid = cfg.hybrid_layer_ids
+    for pattern, dst in _PATTERNS:
+        m = pattern.match(key)
+        if not m:
+            continue
+        g = m.groupdict()
+        if "j" in g:
+            j = int(g["j"])
+            if j >= len(hybrid):
+                raise CheckpointError(f"{key}: hybrid visit {j} does not exist (config has {len(hybrid)} hybrid layers)")
+            g["J"] = hybrid[j]
+        if "{B}" in dst:
+            i = int(g["i"])
+            if i not in hybrid:
+                raise CheckpointError(f"{key}: shared-block weights under layer {i}, which the config says is not hybrid")
+            g["B"] = hybrid.index(i) % cfg.num_mem_blocks
+        return dst.format(**g)
+    return None
+
+
+def native_to_hf(key: str, cfg: Config) -> str:
+    """Checkpoint key (transformers layout, shared weights stored once under their source layer)."""
+    hybrid = cfg.hybrid_layer_ids
+    parts = key.split(".")
+    if parts[0] in ("embed_tokens", "final_layernorm"):
+        return "model." + key
+    if parts[0] == "lm_head":
+        return key
+    if parts[0] == "shared_blocks":
+        return f"model.layers.{hybrid[int(parts[1])]}.shared_transformer." + ".".join(parts[2:])
+    i, rest = int(parts[1]), ".".join(parts[2:])
+    if i not in hybrid:
+        return f"model.layers.{i}.{rest}"
+    j = hybrid.index(i)
+    source = f"model.layers.{hybrid[j % cfg.num_mem_blocks]}.shared_transformer"
+    if rest == "linear.weight":
+        return f"model.layers.{i}.linear.weight"
+    if parts[2] in ("q_adapter", "k_adapter", "v_adapter"):
+        return f"{source}.self_attn.linear_{parts[2][0]}_adapter_list.{j}.{parts[3]}.weight"
+    if parts[2] == "mlp_adapter":
+        return f"{source}.feed_forward.gate_up_proj_adapter_list.{j}.{parts[3]}.weight"
+    return f"model.layers.{i}.mamba_decoder.{rest}"
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, from the files its index names (or the single file)."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (path / index_name).exists():
+            try:
+                weight_map = json.loads((path / index_name).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{path / index_name}: not a valid index ({e})") from None
+            files: dict[str, list[str]] = {}
+            for k, f in weight_map.items():
+                files.setdefault(f, []).append(k)
+            out = {}
+            for f, keys in files.items():
+                tensors = _read_file(path / f)
+                missing = [k for k in keys if k not in tensors]
+                if missing:
+                    raise CheckpointError(f"{path / f} lacks {missing[:3]} which the index lists")
+                out.update({k: tensors[k] for k in keys})
+            return out
+        if (path / single).exists():
+            return _read_file(path / single)
+    raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _read_file(f: Path) -> dict[str, torch.Tensor]:
+    if not f.exists():
+        raise CheckpointError(f"{f}: file named by the index is missing")
+    try:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as sf:
+                return {k: sf.get_tensor(k) for k in sf.keys()}
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{f}: unreadable or truncated weights file ({e})") from None
+
+
+def convert_state_dict(tensors: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors -> our state dict; raises CheckpointError naming every problem it finds."""
+    if any(k.startswith("model.layers.") for k in tensors):
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(LEGACY_PREFIXES)}
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, value in tensors.items():
+        name = hf_to_native(key, cfg)
+        if name is None:
+            unexpected.append(key)
+            continue
+        if name in out:  # a duplicated shared block / adapter: all copies must agree
+            if out[name].shape != value.shape or not torch.equal(out[name], value):
+                raise CheckpointError(f"{key}: this copy of a shared weight differs from another copy ({name})")
+            continue
+        out[name] = value
+    if cfg.tie_word_embeddings and "lm_head.weight" in out:
+        head = out.pop("lm_head.weight")
+        if "embed_tokens.weight" in out and not torch.equal(head, out["embed_tokens.weight"]):
+            raise CheckpointError("config says tie_word_embeddings but lm_head.weight differs from the embeddings")
+    with torch.device("meta"):
+        expected = Zamba2LM(cfg).state_dict()
+    unexpected += sorted(k for k in out if k not in expected)
+    missing = sorted(k for k in expected if k not in out)
+    wrong = [f"{k}: checkpoint {tuple(out[k].shape)} vs config {tuple(v.shape)}"
+             for k, v in expected.items() if k in out and out[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors, e.g. {missing[:4]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[:4]}")
+    if wrong:
+        problems.append("shapes that contradict config.json (check hidden_size, mamba_d_state, n_mamba_heads, "
+                        f"mamba_ngroups, adapter_rank, intermediate_size): {wrong[:4]}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
+    return {k: out[k] for k in expected}
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Zamba2LM:
+    """Load a Hugging Face style Zamba2 folder (official Hub layout or transformers' save_pretrained)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    cfg = Config.from_json(path / "config.json")
+    state = convert_state_dict(read_tensors(path), cfg)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        model = Zamba2LM(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
+         train_state: dict | None = None, state_dict: dict | None = None) -> None:
+    """Write config.json + safetensors (sharded with an index past max_shard_bytes) in the transformers layout.
+
+    `train_state` (optimizer, step, data position, ...) is written beside it as train_state.pt.
+    `state_dict` replaces model.state_dict(): the gathered full weights of an FSDP-sharded model.
+
+    The folder is written beside the target and swapped in by rename, so a failure mid-save (full
+    disk, kill) leaves any previous checkpoint at `path` intact.
+    """
+    if model.quantized:
+        raise ValueError(f"this model is {model.quantized}-quantized for inference; save the float model instead")
+    path = Path(path)
+    cfg = model.config
+    weights = model.state_dict() if state_dict is None else state_dict
+    tensors = {native_to_hf(k, cfg): v.detach().contiguous().cpu() for k, v in weights.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        cfg.save(tmp / "config.json")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for n, shard in enumerate(shards, 1):
+                name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace folder `path` by `tmp`; other files already in `path` (a tokenizer, say) are kept."""
+    ours = ("config.json", "model.safetensors.index.json", "train_state.pt")
+    if path.exists():
+        for f in path.iterdir():
+            if f.name in ours or f.name.startswith("model") and f.suffix == ".safetensors":
+                continue
+            if not (tmp / f.name).exists():
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)

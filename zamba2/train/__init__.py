@@ -1,0 +1,1 @@
+"""Training: data loaders, the trainer (pretraining, annealing), FSDP2, LoRA, SFT, DPO, finetune."""

@@ -1,0 +1,78 @@
+"""`zamba2 finetune`: chat SFT of a checkpoint with the pretraining Trainer, in full or with LoRA.
+
+The Trainer brings the schedule, gradient accumulation and clipping, resumable checkpoints
+(OUT/checkpoint), metrics and FSDP2; this module only supplies the chat rows (sft.py) and the LoRA
+wrapping (lora.py), and writes the result:
+  - full fine-tune: OUT/checkpoint is the fine-tuned model;
+  - LoRA: OUT/adapter (adapter.safetensors + adapter_config.json), or with `merge` OUT/merged, a plain
+    Hugging Face folder.
+Every output folder gets the tokenizer files and the chat template used, so `zamba2 serve` chats with it
+exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from . import parallel
+from ..model.config import Config
+from .lora import LoRA, merge as merge_lora
+from ..model.zamba2 import Zamba2LM
+from ..serve.chat import read_tokenizer_config
+from .sft import BUILTIN_TEMPLATE, chat_loaders
+from ..text.tokenizer import load_tokenizer
+from .trainer import Trainer, TrainConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "special_tokens_map.json")
+
+
+def write_tokenizer_files(model: str | Path, dst: Path) -> None:
+    """Copy the base checkpoint's tokenizer files to dst, with tokenizer_config.json holding the chat template."""
+    src = Path(model)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    cfg = read_tokenizer_config(src if src.is_dir() else None)
+    cfg.setdefault("chat_template", BUILTIN_TEMPLATE)
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, resume: bool = False,
+             too_long: str = "truncate", loaders: tuple | None = None, objective=None,
+             stats: dict | None = None) -> dict:
+    """SFT on the chat JSONL `cfg.data` starting from `cfg.model`; returns the data counts and output folder.
+
+    dpo.dpo passes its own `loaders` (preference pairs) and `objective` and reuses everything else."""
+    if merge and lora is None:
+        raise ValueError("--merge needs LoRA (--lora-rank); a full fine-tune is already a plain checkpoint")
+    model_dir = Path(cfg.model)
+    if merge and model_dir.is_dir():  # fail now, not after training
+        lora.check_mergeable(Config.from_json(model_dir / "config.json"))
+    stats = stats if stats is not None else {}
+    if loaders is None:
+        tok = load_tokenizer(model_dir if model_dir.is_dir() else None)
+        loaders = chat_loaders(cfg.data, model_dir if model_dir.is_dir() else None, tok, cfg.seq_len,
+                               cfg.batch_size, cfg.val_fraction, too_long, cfg.seed, stats)
+    try:
+        trainer = Trainer(cfg, resume=resume, loaders=loaders, lora=lora, objective=objective)
+        stats["losses"] = trainer.run()
+        out = Path(cfg.out) / "checkpoint"
+        if lora is not None:
+            model = trainer.model
+            if trainer.world > 1:  # FSDP: gather the full weights (collective) into a plain wrapped model on rank 0
+                full = parallel.model_state(trainer.model)
+                model = Zamba2LM(trainer.model.config)
+                lora.apply(model)
+                if trainer.rank == 0:
+                    model.load_state_dict(full)
+            out = Path(cfg.out) / ("merged" if merge else "adapter")
+            if trainer.rank == 0:
+                merge_lora(model).save(out) if merge else lora.save(model, out)
+        if trainer.rank == 0:
+            write_tokenizer_files(cfg.model, out)
+    finally:
+        parallel.cleanup()
+    stats["output"] = str(out)
+    return stats
