@@ -24,6 +24,7 @@ def k():
         pytest.skip("the kernels need AVX2 + FMA")
     built = kernels.get()
     assert built is not None, "the CPU kernels did not build on an AVX2 machine (see the warning above)"
+    assert built.__name__.startswith(f"zamba2_cpu_{torch.backends.cpu.get_cpu_capability().lower()}_")
     return built
 
 
@@ -129,14 +130,15 @@ def test_rms_norm_equals_torch(k, dtype):
 
 
 def decode(model, prompt, steps, mask=None):
-    """Logits of `steps` greedy decode tokens after `prompt` [b,t], and the cache at the end."""
+    """Logits of `steps` decode steps after `prompt` [b,t], and the cache at the end. The steps read fixed random
+    tokens, not greedy ones: two codes' bf16 logits can tie and pick different continuations."""
+    feed = torch.randint(0, model.config.vocab_size, (prompt.shape[0], steps), generator=torch.Generator().manual_seed(0))
     cache = model.new_cache(prompt.shape[0], capacity=prompt.shape[1] + steps)
     out = []
     with torch.inference_mode():
-        logits = model(prompt, attention_mask=mask, cache=cache, logits_to_keep=1)
-        for _ in range(steps):
-            logits = model(logits[:, -1].argmax(-1)[:, None], cache=cache, logits_to_keep=1)
-            out.append(logits[:, -1].float())
+        model(prompt, attention_mask=mask, cache=cache, logits_to_keep=1)
+        for i in range(steps):
+            out.append(model(feed[:, i, None], cache=cache, logits_to_keep=1)[:, -1].float())
     return torch.stack(out, 1), cache
 
 
@@ -287,3 +289,28 @@ def test_env_switch_turns_the_kernels_off():
     env = dict(os.environ, ZAMBA2_CPU_KERNELS="0")
     code = "import zamba2.ops.kernels as k; assert k.get() is None"
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+def test_build_is_named_by_what_the_binary_depends_on(tmp_path):
+    a, b = tmp_path / "a.cpp", tmp_path / "b.h"
+    a.write_text("int f();")
+    b.write_text("#pragma once")
+    name = kernels.build_name("AVX2", [a, b])
+    assert name.startswith("zamba2_cpu_avx2_") and kernels.build_name("AVX2", [a, b]) == name
+    assert kernels.build_name("AVX512", [a, b]) != name
+    b.write_text("#pragma once // changed")  # a header change rebuilds (torch's own check reads only the .cpp)
+    assert kernels.build_name("AVX2", [a, b]) != name
+    assert "-mavx512f" in kernels.ISA_FLAGS["AVX512"] and not any("512" in f for f in kernels.ISA_FLAGS["AVX2"])
+
+
+@pytest.mark.parametrize("isa", ["avx2"])
+def test_kernels_built_for_a_narrower_instruction_set_equal_torch(k, isa):
+    """This file again, in a process where torch reads the CPU as `isa` (ATEN_CPU_CAPABILITY): the kernels are
+    built for that instruction set and pass the same comparisons. An AVX-512 machine imitates an AVX2 one this
+    way; the reverse is impossible, so an AVX2 machine skips it (its own run above is the AVX2 check)."""
+    if torch.backends.cpu.get_cpu_capability().lower() == isa:
+        pytest.skip(f"this CPU is {isa}: the run above covers it")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "not narrower"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -3,9 +3,10 @@
 Decode on a CPU is a stream of small matrix-vector products and ~40 tiny ops per layer; in eager torch
 both fall well short of the memory bandwidth (bench/compare.py), and the prefill's scan runs far below the
 matmul rate. The kernels (cpu_decode.cpp, cpu_prefill.cpp, and cpu_matmul.cpp for the prompts' matmuls)
-replace them for inference on x86 CPUs with AVX2 + FMA. Where they cannot be built (no compiler, another
-CPU) or ZAMBA2_CPU_KERNELS=0, `get()` returns None and the model runs its torch code, which is also the reference the tests compare with.
-The build is cached by torch under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR moves it).
+replace them for inference on x86 CPUs with AVX2 + FMA, built for AVX-512 where the CPU has it (ISA_FLAGS).
+Where they cannot be built (no compiler, another CPU) or ZAMBA2_CPU_KERNELS=0, `get()` returns None and the
+model runs its torch code, which is also the reference the tests compare with. The build is cached by torch
+under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR moves it), named by what the binary depends on.
 """
 
 from __future__ import annotations
@@ -38,23 +39,41 @@ def untracked(tensors, device_type: str) -> bool:
     return True
 
 
+# The one place that picks the instruction set: torch's own reading of the CPU (ATEN_CPU_CAPABILITY=avx2 forces
+# the AVX2 build on an AVX-512 CPU, as it forces torch's own kernels). AVX-512 doubles the float lanes of the
+# GEMV and the scan's tiles (common.h's Vec), which are compute-bound for several decode rows and in prefill.
+ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"],
+             "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]}
+
+
+def build_name(isa: str, sources: list[Path]) -> str:
+    """The build's name: a hash of everything the binary depends on (the sources, header included, which torch's
+    own change check does not read; torch's version and C++ ABI; Python's; the instruction set), so that
+    switching between Python installs, torch builds or CPUs builds anew instead of loading a stale binary."""
+    digest = hashlib.sha1()
+    for f in sources:
+        digest.update(f.read_bytes())
+    digest.update(f"{torch.__version__} {torch._C._GLIBCXX_USE_CXX11_ABI} {sys.version} {isa}".encode())
+    return f"zamba2_cpu_{isa.lower()}_{digest.hexdigest()[:10]}"
+
+
 @functools.cache
 def _build():
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    isa = torch.backends.cpu.get_cpu_capability()
+    if isa not in ISA_FLAGS:
         return None
     from torch.utils import cpp_extension
 
     csrc = Path(__file__).parent / "csrc"
-    sources = sorted(csrc.glob("*.cpp"))
-    # named by the sources' hash, header included: torch's own change check reads only the .cpp files
-    digest = hashlib.sha1(b"".join(f.read_bytes() for f in sorted(csrc.iterdir()) if f.suffix in (".cpp", ".h")))
-    name = f"zamba2_cpu_{digest.hexdigest()[:10]}"
+    sources = sorted(f for f in csrc.iterdir() if f.suffix in (".cpp", ".h"))
+    name = build_name(isa, sources)
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     if not any(build_dir.glob("*.so")):
-        print("zamba2: compiling the CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
+        print(f"zamba2: compiling the CPU kernels for this machine ({isa}), about a minute, once",
+              file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(
-            name, [str(f) for f in sources], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            name, [str(f) for f in sources if f.suffix == ".cpp"], extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS[isa]],
             extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the torch code still works
         tail = " | ".join(str(e).strip().splitlines()[-3:])  # a failed build's message is the whole compiler log

@@ -436,13 +436,16 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str
     import torch
     import uvicorn
 
-    from ..model.checkpoint import load
     from ..infer.quant import quantize_int8
+    from ..model.checkpoint import load
+    from ..ops import kernels
     from ..text.tokenizer import load_tokenizer
 
     model = load(model_path, dtype=getattr(torch, dtype), device=device)
     if int8:
         quantize_int8(model)
+    if model.device.type == "cpu":
+        kernels.get()  # built or loaded now, before the server reports healthy, never inside a request
     tokenizer = load_tokenizer(model_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")

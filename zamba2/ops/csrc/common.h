@@ -1,5 +1,6 @@
-// What the CPU kernels share (cpu_decode.cpp, cpu_prefill.cpp, cpu_matmul.cpp): AVX2 loads and sums, a
-// vectorised exp, SiLU, softplus, and a Mamba2 mixer's small parameters. Built by zamba2/kernels.py.
+// What the CPU kernels share (cpu_decode.cpp, cpu_prefill.cpp, cpu_matmul.cpp): AVX2 loads and sums, the widest
+// float vector of this build (Vec), a vectorised exp, SiLU, softplus, and a Mamba2 mixer's small parameters.
+// Built by zamba2/ops/kernels.py, once per instruction set (AVX2, or AVX-512 where the CPU has it).
 #pragma once
 
 #include <torch/extension.h>
@@ -23,6 +24,43 @@ inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+// A float vector of W lanes: loads widen bfloat16 and int8 to float32 exactly. The GEMV and the prefill's small
+// GEMMs are written on Vec, the widest this build targets: 16 lanes with AVX-512, which doubles their
+// multiply-adds per instruction where they are compute-bound (several decode rows, the scan's tiles).
+struct Vec8 {
+  static constexpr int W = 8;
+  __m256 v;
+  static Vec8 zero() { return {_mm256_setzero_ps()}; }
+  static Vec8 set1(float a) { return {_mm256_set1_ps(a)}; }
+  template <typename T>
+  static Vec8 load(const T* p) { return {load8(p)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  float sum() const { return hsum(v); }
+  friend Vec8 fma(Vec8 a, Vec8 b, Vec8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+};
+#ifdef __AVX512F__
+struct Vec16 {
+  static constexpr int W = 16;
+  __m512 v;
+  static Vec16 zero() { return {_mm512_setzero_ps()}; }
+  static Vec16 set1(float a) { return {_mm512_set1_ps(a)}; }
+  static Vec16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec16 load(const at::BFloat16* p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))};
+  }
+  static Vec16 load(const int8_t* p) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  float sum() const { return _mm512_reduce_add_ps(v); }
+  friend Vec16 fma(Vec16 a, Vec16 b, Vec16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+};
+using Vec = Vec16;
+#else
+using Vec = Vec8;
+#endif
 
 // sum_j a[j] b[j] and y += w x over n elements, 8 lanes at a time (the compiler keeps a float sum serial)
 template <typename T>

@@ -27,24 +27,24 @@ namespace {
 // prefetcher alone restarted too often to keep the memory busy (without it, batch 8 ran 1.4x slower).
 template <typename W, int NB, int RT>
 inline void block(const W* w, int64_t K, const float* x, float* y, int64_t N) {
-  __m256 acc[NB][RT];
+  Vec acc[NB][RT];
   for (int i = 0; i < NB; i++)
-    for (int r = 0; r < RT; r++) acc[i][r] = _mm256_setzero_ps();
-  const int64_t K8 = K & ~int64_t(7), line = 64 / sizeof(W);
-  for (int64_t k = 0; k < K8; k += 8) {
+    for (int r = 0; r < RT; r++) acc[i][r] = Vec::zero();
+  const int64_t KV = K - K % Vec::W, line = 64 / sizeof(W);
+  for (int64_t k = 0; k < KV; k += Vec::W) {
     if (k % line == 0)
       for (int i = 0; i < NB; i++) _mm_prefetch(reinterpret_cast<const char*>(w + (i + 2 * NB) * K + k), _MM_HINT_T0);
-    __m256 xv[RT];
-    for (int r = 0; r < RT; r++) xv[r] = _mm256_loadu_ps(x + r * K + k);
+    Vec xv[RT];
+    for (int r = 0; r < RT; r++) xv[r] = Vec::load(x + r * K + k);
     for (int i = 0; i < NB; i++) {
-      __m256 wv = load8(w + i * K + k);
-      for (int r = 0; r < RT; r++) acc[i][r] = _mm256_fmadd_ps(wv, xv[r], acc[i][r]);
+      const Vec wv = Vec::load(w + i * K + k);
+      for (int r = 0; r < RT; r++) acc[i][r] = fma(wv, xv[r], acc[i][r]);
     }
   }
   for (int i = 0; i < NB; i++)
     for (int r = 0; r < RT; r++) {
-      float s = hsum(acc[i][r]);
-      for (int64_t k = K8; k < K; k++) s += static_cast<float>(w[i * K + k]) * x[r * K + k];
+      float s = acc[i][r].sum();
+      for (int64_t k = KV; k < K; k++) s += static_cast<float>(w[i * K + k]) * x[r * K + k];
       y[r * N + i] = s;
     }
 }

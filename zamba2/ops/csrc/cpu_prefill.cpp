@@ -7,7 +7,7 @@
 // runs its chunks in order with its state in L1/L2, as transposed [N, P]:
 //   Y     = (CB o decay o dt) X_c + exp(cum) C_c S       (inside the chunk, and the state entering it)
 //   S_out = exp(cum_last) S + B_c^T (X_c o exp(cum_last - cum) dt)
-// three small matmuls per chunk and head, on an AVX2 4x16 tile.
+// three small matmuls per chunk and head, on a tile of 4 rows x 2 vectors (16 or 32 columns, common.h).
 
 #include "common.h"
 
@@ -15,31 +15,32 @@ namespace zamba2 {
 namespace {
 
 // C [M, N] (+)= A [M, K] @ B [K, N]: A read through strides (it may be a transpose), B and C row-major with
-// leading dimensions ldb, ldc; N a multiple of 8. RM rows x NV*8 columns per tile, 2*RM accumulators at most.
-template <int RM, int NV>
+// leading dimensions ldb, ldc; N a multiple of 8. RM rows x NV vectors of columns per tile.
+template <typename V, int RM, int NV>
 inline void tile(int64_t K, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb, float* C,
                  int64_t ldc, bool accumulate) {
-  __m256 c[RM][NV];
+  V c[RM][NV];
   for (int r = 0; r < RM; r++)
-    for (int v = 0; v < NV; v++) c[r][v] = accumulate ? _mm256_loadu_ps(C + r * ldc + 8 * v) : _mm256_setzero_ps();
+    for (int v = 0; v < NV; v++) c[r][v] = accumulate ? V::load(C + r * ldc + V::W * v) : V::zero();
   for (int64_t k = 0; k < K; k++) {
-    __m256 b[NV];
-    for (int v = 0; v < NV; v++) b[v] = _mm256_loadu_ps(B + k * ldb + 8 * v);
+    V b[NV];
+    for (int v = 0; v < NV; v++) b[v] = V::load(B + k * ldb + V::W * v);
     for (int r = 0; r < RM; r++) {
-      const __m256 a = _mm256_set1_ps(A[r * ars + k * acs]);
-      for (int v = 0; v < NV; v++) c[r][v] = _mm256_fmadd_ps(a, b[v], c[r][v]);
+      const V a = V::set1(A[r * ars + k * acs]);
+      for (int v = 0; v < NV; v++) c[r][v] = fma(a, b[v], c[r][v]);
     }
   }
   for (int r = 0; r < RM; r++)
-    for (int v = 0; v < NV; v++) _mm256_storeu_ps(C + r * ldc + 8 * v, c[r][v]);
+    for (int v = 0; v < NV; v++) c[r][v].store(C + r * ldc + V::W * v);
 }
 
 template <int RM>
 inline void row_tiles(int64_t N, int64_t K, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
                       float* C, int64_t ldc, bool accumulate) {
   int64_t j = 0;
-  for (; j + 16 <= N; j += 16) tile<RM, 2>(K, A, ars, acs, B + j, ldb, C + j, ldc, accumulate);
-  if (j < N) tile<RM, 1>(K, A, ars, acs, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + 2 * Vec::W <= N; j += 2 * Vec::W) tile<Vec, RM, 2>(K, A, ars, acs, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + Vec::W <= N; j += Vec::W) tile<Vec, RM, 1>(K, A, ars, acs, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + 8 <= N; j += 8) tile<Vec8, RM, 1>(K, A, ars, acs, B + j, ldb, C + j, ldc, accumulate);
 }
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
