@@ -180,8 +180,9 @@ def add_finetune_flags(f: argparse.ArgumentParser, out: str) -> None:
     f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
     f.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5, or 2e-4 with LoRA)")
     f.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps (default 10)")
-    f.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="bfloat16 runs forward/backward under autocast (default float32)")
+    f.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="bfloat16: mixed precision (float32 weights, bf16 matmuls); auto (default): bfloat16 where "
+                        "the CPU has bf16 instructions or AMX, or on a bf16 GPU, else float32")
     f.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
     f.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the data (default 0.05)")
     f.add_argument("--eval-every", type=int, default=50, help="validation every N steps (default 50)")

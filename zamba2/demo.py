@@ -61,7 +61,8 @@ def demo(out: str | Path = "runs/demo", steps: int = 150, seed: int = 0) -> dict
     trainer = Trainer(cfg)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print(f"model: Zamba2 with {n_params / 1e6:.1f}M parameters; training {steps} steps of "
-          f"{cfg.batch_size}x{cfg.seq_len} tokens on CPU")
+          f"{cfg.batch_size}x{cfg.seq_len} tokens on {trainer.device.type.upper()} in "
+          f"{'bfloat16 mixed precision' if trainer.dtype == torch.bfloat16 else 'float32'}")
     t0 = time.time()
     trainer.run()
     minutes = (time.time() - t0) / 60

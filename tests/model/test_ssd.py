@@ -38,6 +38,15 @@ def test_chunked_bfloat16_inputs():
     torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_chunked_stays_float32_under_autocast():
+    """Mixed-precision training autocasts matmuls to bfloat16; the scan's own matmuls must not follow."""
+    x, dt, A, B, C, S0 = inputs(l=50)
+    y_ref, s_ref = ssd_chunked(x, dt, A, B, C, 16, S0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = ssd_chunked(x, dt, A, B, C, 16, S0)
+    assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
+
+
 def test_step_equals_sequential():
     x, dt, A, B, C, S0 = inputs(l=12)
     y_ref, s_ref = ssd_sequential(x, dt, A, B, C, S0)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import zamba2
 from zamba2.ops import decode as compiled_decode, kernels
 from zamba2.ops.decode import plain
-from zamba2.model.zamba2 import NATIVE_BF16, WIDE, RMSNorm, linear
+from zamba2.model.zamba2 import WIDE, RMSNorm, linear
+from zamba2.ops.hardware import NATIVE_BF16
 
 from conftest import random_model
 
@@ -283,6 +284,8 @@ def test_training_never_uses_the_kernels(k):
     assert kernels.get(w) is None
     with torch.no_grad():
         assert kernels.get(w) is k
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast too: the kernels compute in the tensors' dtypes
+            assert kernels.get(w) is None
 
 
 def test_env_switch_turns_the_kernels_off():

@@ -18,7 +18,7 @@ from test_train import TINY, data_dir  # noqa: F401  (the shared prepared-data f
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = dict(model="tiny", seq_len=32, batch_size=4, steps=6, warmup_steps=2, lr=1e-2, eval_every=3, eval_batches=2,
-           save_every=3, log_every=1, val_fraction=0.1, device="cpu")
+           save_every=3, log_every=1, val_fraction=0.1, device="cpu", dtype="float32")  # exact: float32
 
 
 def write_toml(path: Path, data, out, **changes) -> Path:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import zamba2
+from zamba2.train import trainer as trainer_module
 from zamba2.train.data import IGNORE, PackedLoader, TokenData, prepare, read_documents
 from zamba2.train.trainer import NO_DECAY, Trainer, TrainConfig, learning_rate, param_groups
 
@@ -70,7 +71,8 @@ def test_no_weight_decay_on_norms_biases_and_ssm_parameters():
 def run_config(data_dir, out, **kw):
     return TrainConfig.from_dict(dict(data=str(data_dir), out=str(out), model="tiny", model_overrides=TINY,
                                       seq_len=32, batch_size=2, steps=8, warmup_steps=2, lr=1e-2, eval_every=4,
-                                      eval_batches=1, save_every=3, log_every=1, val_fraction=0.1, **kw))
+                                      eval_batches=1, save_every=3, log_every=1, val_fraction=0.1,
+                                      **{"dtype": "float32", **kw}))
 
 
 def test_interrupted_run_resumes_with_identical_losses(data_dir, tmp_path):
@@ -85,6 +87,23 @@ def test_interrupted_run_resumes_with_identical_losses(data_dir, tmp_path):
     assert ckpt.config.vocab_size == 32000
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_ppl" in r for r in records) and all("loss" in r or "val_loss" in r for r in records)
+
+
+def test_mixed_precision_trains_like_float32(data_dir, tmp_path, monkeypatch):
+    """bfloat16: float32 weights and optimizer state, bf16 matmuls; the losses follow float32's within a few %.
+    "auto" picks it by hardware (forced both ways here)."""
+    full = Trainer(run_config(data_dir, tmp_path / "f32", dtype="float32")).run()
+    mixed = Trainer(run_config(data_dir, tmp_path / "bf16", dtype="bfloat16"))
+    assert mixed.dtype == torch.bfloat16
+    losses = mixed.run()
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+    assert all(v.dtype == torch.float32 for st in mixed.opt.state.values() for v in st.values() if v.dim())
+    assert losses[-1] < losses[0] and abs(losses[-1] - full[-1]) < 0.05 * full[-1]
+    for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(trainer_module, "fast_bf16", lambda device, fast=fast: fast)
+        assert Trainer(run_config(data_dir, tmp_path / "auto", dtype="auto")).dtype == expected
+    with pytest.raises(ValueError, match="float32, bfloat16 or auto"):
+        trainer_module.compute_dtype("float16", torch.device("cpu"))
 
 
 def test_metrics_also_go_to_tensorboard(data_dir, tmp_path):

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from ..ops import kernels
 from ..ops.decode import FUSABLE
-from ..model.zamba2 import FEW_ROWS, NATIVE_BF16, Linear, Zamba2LM
+from ..model.zamba2 import FEW_ROWS, Linear, Zamba2LM
+from ..ops.hardware import NATIVE_BF16
 
 # Weight rows dequantised at a time in a prefill: small enough to stay in the caches next to the GEMM, large
 # enough for the GEMM to run at its rate. bf16 with AMX, 8512x2048 weight: 4 MB blocks ran 17/64/512/2048 rows at

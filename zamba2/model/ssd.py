@@ -72,18 +72,19 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     block = max(q, BLOCK // q * q) if x.device.type == "cpu" else l
     state_doc = doc[:, 0] if doc is not None else None  # the document the carried state belongs to
     ys = []
-    for s0 in range(0, l, block):
-        s1 = min(s0 + block, l)
-        whole = s0 + (s1 - s0) // q * q
-        for lo, hi in ((s0, whole), (whole, s1)):
-            if lo == hi:
-                continue
-            piece = doc[:, lo:hi] if doc is not None else None
-            y, state = _chunks(x[:, lo:hi], dt[:, lo:hi], A, B[:, lo:hi], C[:, lo:hi], min(q, hi - lo), state,
-                               piece, state_doc)
-            if doc is not None:
-                state_doc = doc[:, hi - 1]
-            ys.append(y)
+    with torch.autocast(x.device.type, enabled=False):  # mixed-precision training too: the scan stays float32
+        for s0 in range(0, l, block):
+            s1 = min(s0 + block, l)
+            whole = s0 + (s1 - s0) // q * q
+            for lo, hi in ((s0, whole), (whole, s1)):
+                if lo == hi:
+                    continue
+                piece = doc[:, lo:hi] if doc is not None else None
+                y, state = _chunks(x[:, lo:hi], dt[:, lo:hi], A, B[:, lo:hi], C[:, lo:hi], min(q, hi - lo), state,
+                                   piece, state_doc)
+                if doc is not None:
+                    state_doc = doc[:, hi - 1]
+                ys.append(y)
     return torch.cat(ys, dim=1), state
 
 

@@ -25,13 +25,15 @@ ENABLED = os.environ.get("ZAMBA2_CPU_KERNELS", "1") != "0"
 
 def get(*tensors: torch.Tensor):
     """The kernel module for an inference op on `tensors`, or None: disabled, not built here, a tensor off the
-    CPU, or autograd tracking one (the kernels have no backward)."""
+    CPU, autograd tracking one (the kernels have no backward), or autocast on."""
     return _build() if ENABLED and untracked(tensors, "cpu") else None
 
 
 def untracked(tensors, device_type: str) -> bool:
-    """Whether all `tensors` are on `device_type` and autograd tracks none (the compiled kernels, here and in
-    gpu_kernels.py, have no backward)."""
+    """Whether all `tensors` are on `device_type`, autograd tracks none (the compiled kernels, here and in
+    gpu_kernels.py, have no backward) and no autocast is on (they compute in the tensors' own dtypes)."""
+    if torch.is_autocast_enabled(device_type):
+        return False
     grad = torch.is_grad_enabled()
     for t in tensors:  # a plain loop: this runs several times per layer and token
         if t.device.type != device_type or grad and t.requires_grad:

@@ -160,12 +160,13 @@ def dpo(cfg, beta: float = 0.1, lora=None, merge: bool = False, resume: bool = F
 
     Output as `finetune`: OUT/checkpoint, or with LoRA OUT/adapter or OUT/merged. Returns the data counts."""
     from .finetune import finetune
-    from .trainer import build_model
+    from .trainer import build_model, compute_dtype
 
     folder = Path(cfg.model) if Path(cfg.model).is_dir() else None
     stats: dict = {}
     rows = read_pairs(cfg.data, load_tokenizer(folder), folder, cfg.seq_len, stats)
-    add_reference(rows, build_model(cfg), getattr(torch, cfg.dtype))  # the starting model, as the Trainer builds it
+    reference = build_model(cfg)  # the starting model, as the Trainer builds it
+    add_reference(rows, reference, compute_dtype(cfg.dtype, reference.device))
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     rows = [rows[i] for i in order]
     n_val = round(cfg.val_fraction * len(rows)) if len(rows) > 1 else 0

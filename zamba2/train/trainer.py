@@ -32,6 +32,7 @@ from . import parallel
 from ..model.config import PRESETS, Config, preset
 from .data import IGNORE, MixedLoader, PackedLoader, TokenData
 from ..model.zamba2 import Zamba2LM
+from ..ops.hardware import fast_bf16
 
 
 @dataclass
@@ -53,7 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0
-    dtype: str = "float32"  # "bfloat16" runs the forward/backward under autocast
+    dtype: str = "auto"  # autocast dtype of forward/backward: "bfloat16", "float32", or "auto" (compute_dtype)
     device: str = "auto"  # "cpu", "cuda", or "auto" (cuda when available); under torchrun, cuda:LOCAL_RANK
     # phase 2: annealing
     anneal_data: str | None = None
@@ -144,6 +145,17 @@ def build_model(cfg: TrainConfig) -> Zamba2LM:
     return checkpoint.load(cfg.model)
 
 
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """TrainConfig.dtype on `device`. "bfloat16" is mixed precision: float32 weights, gradients and optimizer
+    state, bf16 matmuls under autocast, the SSM scan and its state in float32 (ssd.py). "auto" picks it where
+    bf16 matmuls outrun float32 ones (CPUs with bf16 instructions or AMX, bf16 GPUs), else float32."""
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {name!r}: use float32, bfloat16 or auto")
+    return getattr(torch, name)
+
+
 def lm_loss(model: Zamba2LM, batch: dict, dtype: torch.dtype) -> torch.Tensor:
     """Cross-entropy summed over the batch's target tokens (callers divide by the global token count)."""
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -201,9 +213,9 @@ class Trainer:
         torch.set_flush_denormal(True)
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.dtype = getattr(torch, cfg.dtype)
         self.objective = objective or LMObjective()
         self.rank, self.world, self.device = parallel.setup(cfg.device)
+        self.dtype = compute_dtype(cfg.dtype, self.device)
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
         if loaders is not None:
