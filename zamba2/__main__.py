@@ -6,7 +6,20 @@ import argparse
 import os
 import sys
 
+from .errors import UserError
+
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def utf8_text(s: str) -> str:
+    """An argparse type for text flags: bytes that are not UTF-8 reach Python as lone surrogates
+    (surrogateescape), which no tokenizer can encode."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text (byte 0x{ord(s[e.start]) - 0xDC00:02x} at "
+                                         f"character {e.start})") from None
+    return s
 
 
 def cmd_generate(args) -> None:
@@ -19,7 +32,7 @@ def cmd_generate(args) -> None:
         quantize_int8(model)
     tok = load_tokenizer(args.model)
     if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
     ids = tok.encode(args.prompt)
     push = tok.stream_decoder()
     for i in ids:  # feed the prompt so the continuation decodes in context (leading spaces, split characters)
@@ -152,7 +165,7 @@ def cmd_data(args) -> None:
         for spec in args.source or []:
             name, sep, pattern = spec.partition("=")
             if not sep or not name or not pattern:
-                raise ValueError(f"--source takes NAME=GLOB, not {spec!r}")
+                raise UserError(f"--source takes NAME=GLOB, not {spec!r}")
             sources.append({"name": name, "paths": [pattern]})
         stages = {"filter": ["normalize", "filter"], "dedup": ["dedup"], "classify": ["classify"],
                   "tokenize": ["tokenize"]}[args.data_command]
@@ -209,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt, streaming tokens as they come")
     g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
-    g.add_argument("--prompt", required=True, help="text to continue (BOS is added)")
+    g.add_argument("--prompt", required=True, type=utf8_text, help="text to continue (BOS is added)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     # sampling
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -341,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+    except (UserError, FileNotFoundError) as e:  # bad input: one line, not a traceback (bugs keep theirs)
         print(f"zamba2 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import UserError, device as check_device
 from .config import Config
 from .zamba2 import Zamba2LM
 
@@ -62,7 +63,7 @@ _PATTERNS = [(re.compile(re.escape(src).replace(r"\{", "{").replace(r"\}", "}").
              for src, dst in HF_KEYS.items()]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder that cannot be loaded as the model its config describes."""
 
 
@@ -191,6 +192,7 @@ def convert_state_dict(tensors: dict[str, torch.Tensor], cfg: Config) -> dict[st
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Zamba2LM:
     """Load a Hugging Face style Zamba2 folder (official Hub layout or transformers' save_pretrained)."""
     path = Path(path)
+    device = check_device(device)  # a clear error before reading gigabytes of weights
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     cfg = Config.from_json(path / "config.json")
@@ -213,7 +215,7 @@ def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2*
     disk, kill) leaves any previous checkpoint at `path` intact.
     """
     if model.quantized:
-        raise ValueError(f"this model is {model.quantized}-quantized for inference; save the float model instead")
+        raise UserError(f"this model is {model.quantized}-quantized for inference; save the float model instead")
     path = Path(path)
     cfg = model.config
     weights = model.state_dict() if state_dict is None else state_dict

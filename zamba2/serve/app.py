@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from ..errors import UserError
 from ..model.zamba2 import Zamba2LM
 from ..text.tokenizer import Tokenizer
 from .chat import ChatTemplate, TextCodec, read_tokenizer_config
@@ -445,7 +446,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str
         quantize_int8(model)
     tokenizer = load_tokenizer(model_path)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     server = Server(model, tokenizer, model_path, name or Path(model_path).resolve().name, limits)
     print(f"zamba2 serve: {server.name} on http://{host}:{port}/v1 (max batch {server.limits.max_batch})", flush=True)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

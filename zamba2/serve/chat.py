@@ -14,6 +14,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+from ..errors import UserError
 from ..text.tokenizer import Tokenizer
 from .protocol import APIError
 
@@ -30,7 +31,7 @@ def read_tokenizer_config(folder: str | Path | None) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 class TextCodec:
@@ -81,7 +82,7 @@ class ChatTemplate:
             try:
                 self._compiled = env.from_string(template)
             except TemplateError as e:
-                raise ValueError(f"the checkpoint's chat template does not compile: {e}") from None
+                raise UserError(f"the checkpoint's chat template does not compile: {e}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, extra: dict | None = None) -> str:
         if self._compiled is None:

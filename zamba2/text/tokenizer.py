@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import UserError
+
 
 def mistral_v1_model_path() -> Path:
     import mistral_common
@@ -22,6 +24,17 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
         self.path = path
+        if not path.is_file():
+            raise FileNotFoundError(f"no such tokenizer file: {path}")
+        try:
+            self._load(path)
+        except ImportError:
+            raise
+        except Exception as e:  # both libraries raise bare Exception / RuntimeError on a malformed file
+            kind = "a tokenizers JSON file" if path.suffix == ".json" else "a SentencePiece model"
+            raise UserError(f"{path}: not {kind} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+    def _load(self, path: Path) -> None:
         if path.suffix == ".json":
             from tokenizers import Tokenizer as HFTokenizer
 

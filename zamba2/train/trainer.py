@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError, check_choice, check_keys, check_range, check_types, device
 from ..model import checkpoint
 from . import parallel
 from ..model.config import PRESETS, Config, preset
@@ -69,6 +70,37 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
 
+    def __post_init__(self):
+        where = "[train]"
+        check_types(self, where)
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "log_every"):
+            check_range(where, name, getattr(self, name), 1)
+        for name in ("steps", "warmup_steps", "anneal_steps", "anneal_warmup_steps", "seed", "weight_decay",
+                     "grad_clip"):
+            check_range(where, name, getattr(self, name), 0)
+        for name in ("min_lr_ratio", "decay_fraction", "anneal_replay"):
+            check_range(where, name, getattr(self, name), 0, 1)
+        check_range(where, "lr", self.lr, 0, low_open=True)
+        check_range(where, "anneal_lr_factor", self.anneal_lr_factor, 0, low_open=True)
+        check_range(where, "val_fraction", self.val_fraction, 0, 1, high_open=True)
+        if len(self.betas) != 2:
+            raise UserError(f"{where}: betas = {self.betas!r}; expected two numbers, e.g. [0.9, 0.95]")
+        for b in self.betas:
+            check_range(where, "betas", b, 0, 1, high_open=True)
+        check_choice(where, "dtype", self.dtype, ("float32", "bfloat16"))
+        if self.device != "auto":
+            device(self.device, f"{where} device")
+        if self.total_steps < 1:
+            raise UserError(f"{where}: steps = {self.steps} and anneal_steps = {self.anneal_steps}: nothing to train")
+        if self.model_overrides:  # built now, so a bad [model] field is reported before any work
+            if self.model not in PRESETS:
+                raise UserError(f"[model] overrides apply to a preset ({', '.join(PRESETS)}), not to the "
+                                f"checkpoint {self.model!r}")
+            try:
+                preset(self.model, **self.model_overrides)
+            except UserError as e:
+                raise UserError(f"[model] {e}") from None
+
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
         try:
@@ -76,27 +108,27 @@ class TrainConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"no such run config: {path}") from None
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: invalid TOML ({e})") from None
+            raise UserError(f"{path}: invalid TOML ({e})") from None
         # [train]: TrainConfig fields; [model]: Config fields changed on top of the preset
         train, model = d.pop("train", {}), d.pop("model", None)
         if d:
-            raise ValueError(f"{path}: unknown table(s) {sorted(d)}; expected [train] and optionally [model]")
+            raise UserError(f"{path}: unknown table(s) {sorted(d)}; expected [train] and optionally [model]")
         if model:
             train["model_overrides"] = model
-        return cls.from_dict({**train, **{k: v for k, v in overrides.items() if v is not None}})
+        try:
+            return cls.from_dict({**train, **{k: v for k, v in overrides.items() if v is not None}})
+        except UserError as e:  # name the file the bad value came from
+            raise UserError(f"{path}: {e}") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        check_keys("[train]", d, [f.name for f in fields(cls)], "training option")
         cfg = cls(**d)
         cfg.betas = tuple(cfg.betas)
         if not cfg.data:
-            raise ValueError("training needs `data`, a folder made by `zamba2 prepare`")
+            raise UserError("training needs `data`, a folder made by `zamba2 prepare`")
         if cfg.anneal_steps and not cfg.anneal_data:
-            raise ValueError("anneal_steps > 0 needs anneal_data")
+            raise UserError("anneal_steps > 0 needs anneal_data")
         return cfg
 
     @property
@@ -140,7 +172,7 @@ def build_model(cfg: TrainConfig) -> Zamba2LM:
         torch.manual_seed(cfg.seed)
         return Zamba2LM(mc)
     if not Path(cfg.model).is_dir():
-        raise ValueError(f"model {cfg.model!r} is neither a preset {sorted(PRESETS)} nor a checkpoint folder")
+        raise UserError(f"model {cfg.model!r} is neither a preset {sorted(PRESETS)} nor a checkpoint folder")
     return checkpoint.load(cfg.model)
 
 
@@ -205,7 +237,7 @@ class Trainer:
         self.objective = objective or LMObjective()
         self.rank, self.world, self.device = parallel.setup(cfg.device)
         if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
+            raise UserError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
         if loaders is not None:
             self.train_loader, self.val_loader = loaders
             data_vocab = self.train_loader.vocab_size
@@ -230,7 +262,7 @@ class Trainer:
         else:
             self.model = build_model(cfg)
         if self.model.config.vocab_size < data_vocab:
-            raise ValueError(f"data vocabulary ({data_vocab}) exceeds the model's ({self.model.config.vocab_size})")
+            raise UserError(f"data vocabulary ({data_vocab}) exceeds the model's ({self.model.config.vocab_size})")
         self.lora = lora
         if lora is not None:
             lora.apply(self.model)
