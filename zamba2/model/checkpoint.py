@@ -16,6 +16,7 @@ linear_layers); it is used only when no model.layers.* key exists.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -245,11 +246,25 @@ def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2*
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if train_state is not None:
-            torch.save(train_state, tmp / "train_state.pt")
+            with open(tmp / "train_state.pt", "wb") as f:  # a Python file, so a full disk raises ENOSPC
+                torch.save(train_state, f)
         _swap_in(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(e):
+            kept = "the previous checkpoint is intact" if path.exists() else "nothing was written"
+            raise UserError(f"no space left on device while saving {path}; {kept}") from None
         raise
+
+
+def _no_space(e: BaseException | None) -> bool:
+    """A full disk anywhere in the exception chain. torch.save reports it as a RuntimeError ("unexpected
+    pos") with the OSError as its context, and safetensors as a SafetensorError holding the OS message."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _swap_in(tmp: Path, path: Path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import tomllib
@@ -281,6 +282,8 @@ class Trainer:
                 self.anneal_loader.load_state_dict(state["anneal_loader"])
             torch.set_rng_state(state["rng"])
             self.step = state["step"]
+            self.forget_metrics_after(self.step)
+        self.saved_step = self.step
 
     def _tensorboard(self):
         """A SummaryWriter under OUT/tb when TensorBoard is installed (rank 0 only), else None."""
@@ -307,8 +310,29 @@ class Trainer:
         if self.anneal_loader is not None:
             state["anneal_loader"] = self.anneal_loader.state_dict()
         if self.rank == 0:
-            checkpoint.save(self.model, self.out / "checkpoint", train_state=state, state_dict=weights)
+            try:
+                checkpoint.save(self.model, self.out / "checkpoint", train_state=state, state_dict=weights)
+            except BaseException:
+                self.forget_metrics_after(self.saved_step)  # the steps since then will be trained again
+                raise
+        self.saved_step = self.step
         parallel.barrier()
+
+    def forget_metrics_after(self, step: int) -> None:
+        """Drop the metrics.jsonl records of steps after `step`, which a resume trains and logs again."""
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.exists():
+            return
+        keep = 0
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] > step:
+                        break
+                except (ValueError, KeyError):  # a line cut short by a kill
+                    break
+                keep += len(line)
+        os.truncate(path, keep)  # shrinking a file needs no free space (the disk may be full)
 
     def log(self, record: dict) -> None:
         if self.rank != 0:
