@@ -120,7 +120,8 @@ def cmd_demo(args) -> None:
 def cmd_serve(args) -> None:
     from .serve.app import Limits, serve
 
-    limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_n=args.max_n)
+    limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_n=args.max_n,
+                    max_body_bytes=args.max_body_bytes)
     serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits, args.int8)
 
 
@@ -287,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503 (default 256)")
     s.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt) accepted (default 16)")
+    s.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
+                   help="larger request bodies get 413 (default 8 MiB)")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="perplexity, or lm-evaluation-harness tasks on the model")
