@@ -83,6 +83,7 @@ def bad_files(tmp_path_factory, checkpoint):
         folder = root / f"{name}={value}"
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({**config, name: value}))
+    random_model().save(root / "vocab128")  # tiny's 128-token vocabulary, no tokenizer: Mistral's 32000 is too big
     (root / "tokenizer.json").write_text('{"model": 1}')
     (root / "tokenizer.model").write_bytes(random.Random(0).randbytes(3000))
     (root / "random.bin").write_bytes(random.Random(1).randbytes(20000))
@@ -122,6 +123,8 @@ BAD_INPUTS = [  # (what, command line with {root} and {ckpt}, words the one line
      "tokenizer.json: not a tokenizers JSON file"),
     ("tokenizer", "prepare {root}/random.bin --out {root}/d --tokenizer {root}/tokenizer.model",
      "tokenizer.model: not a SentencePiece model"),
+    ("tokenizer", "generate --model {root}/vocab128 --prompt x", "the tokenizer has 32000 tokens but the model only 128"),
+    ("tokenizer", "eval perplexity --model {root}/vocab128 --data {root}/docs", "has 32000 tokens but the model only 128"),
     ("prepare", "prepare {root}/docs --out {root}/d", "docs is a directory"),
     ("prepare", "prepare {root}/random.bin --out {root}/d", "random.bin: not a text file"),
     ("train", "train --config {root}/run0.toml", "run0.toml: [train]: steps = 'two' is not an integer"),

@@ -30,9 +30,7 @@ def cmd_generate(args) -> None:
     model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if args.int8:
         quantize_int8(model)
-    tok = load_tokenizer(args.model)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
+    tok = load_tokenizer(args.model, model.config.vocab_size)
     ids = tok.encode(args.prompt)
     push = tok.stream_decoder()
     for i in ids:  # feed the prompt so the continuation decodes in context (leading spaces, split characters)
@@ -134,7 +132,7 @@ def cmd_eval_perplexity(args) -> None:
 
     model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     stats: dict = {}
-    r = perplexity(model, load_tokenizer(args.model), read_documents(args.data, args.text_key, stats), args.window,
+    r = perplexity(model, load_tokenizer(args.model, model.config.vocab_size), read_documents(args.data, args.text_key, stats), args.window,
                    args.stride)
     print(f"perplexity {r['perplexity']:.3f} ({r['nll_per_token']:.4f} nats/token) over {r['tokens']:,} tokens in "
           f"{r['documents']:,} documents; window {r['window']}, stride {r['stride']}"

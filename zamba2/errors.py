@@ -20,6 +20,16 @@ class UserError(ValueError):
     """Bad input: the CLI shows the message (no traceback) and exits 2; a ValueError for library callers."""
 
 
+def read_json(path):
+    """The JSON in file `path` (a Path); malformed JSON is a UserError naming the file."""
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
 def _accepts(kind, value) -> bool:
     """isinstance against an annotation: int, float, bool, str, list, tuple, dict and `X | Y | None` unions."""
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:

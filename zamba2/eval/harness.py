@@ -38,10 +38,8 @@ class Zamba2Harness(TemplateLM):
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line asks for cuda by default; its HF model falls back the same way
         self.model = load(pretrained, dtype=getattr(torch, dtype), device=device)
-        self.tok = load_tokenizer(pretrained)
         cfg = self.model.config
-        if self.tok.vocab_size > cfg.vocab_size:
-            raise UserError(f"the tokenizer has {self.tok.vocab_size} tokens but the model only {cfg.vocab_size}")
+        self.tok = load_tokenizer(pretrained, cfg.vocab_size)
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)  # no memory probing
         self.max_length = int(max_length or cfg.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)

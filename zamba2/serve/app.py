@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from ..errors import UserError
+from ..errors import read_json
 from ..model.zamba2 import Zamba2LM
 from ..text.tokenizer import Tokenizer
 from .chat import ChatTemplate, TextCodec, read_tokenizer_config
@@ -219,7 +219,7 @@ def _generation_defaults(folder) -> dict:
     path = Path(folder) / "generation_config.json" if folder is not None else None
     if path is None or not path.exists():
         return {}
-    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg = read_json(path)
     if cfg.get("do_sample") is False:
         return {"temperature": 0.0}
     return {k: cfg[k] for k in ("temperature", "top_p", "top_k") if isinstance(cfg.get(k), (int, float))}
@@ -465,9 +465,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str
     model = load(model_path, dtype=getattr(torch, dtype), device=device)
     if int8:
         quantize_int8(model)
-    tokenizer = load_tokenizer(model_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    tokenizer = load_tokenizer(model_path, model.config.vocab_size)
     server = Server(model, tokenizer, model_path, name or Path(model_path).resolve().name, limits)
     print(f"zamba2 serve: {server.name} on http://{host}:{port}/v1 (max batch {server.limits.max_batch})", flush=True)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

@@ -101,11 +101,16 @@ class Tokenizer:
         return push
 
 
-def load_tokenizer(folder: str | Path | None = None) -> Tokenizer:
-    """The tokenizer of a checkpoint folder, falling back to the Mistral v0.1 model from mistral-common."""
+def load_tokenizer(folder: str | Path | None = None, model_vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint folder, falling back to the Mistral v0.1 model from mistral-common.
+
+    With `model_vocab_size`, a tokenizer with more tokens than the model's embedding is refused: its
+    extra ids would fail deep inside the model."""
+    tok = None
     if folder is not None:
         folder = Path(folder)
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (folder / name).exists():
-                return Tokenizer(folder / name)
-    return Tokenizer(mistral_v1_model_path())
+        tok = next((Tokenizer(folder / n) for n in ("tokenizer.json", "tokenizer.model") if (folder / n).exists()), None)
+    tok = tok or Tokenizer(mistral_v1_model_path())
+    if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
+        raise UserError(f"{tok.path}: the tokenizer has {tok.vocab_size} tokens but the model only {model_vocab_size}")
+    return tok

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, read_json
 from ..text.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -118,7 +118,7 @@ class TokenData:
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         try:
-            self.meta = json.loads((folder / "meta.json").read_text())
+            self.meta = read_json(folder / "meta.json")
         except FileNotFoundError:
             raise FileNotFoundError(f"{folder}: no meta.json (run `zamba2 prepare` first)") from None
         self.shards, self.doc_starts, offset = [], [], 0

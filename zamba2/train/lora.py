@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..errors import UserError
+from ..errors import UserError, read_json
 from ..model.zamba2 import Linear, Zamba2LM, linear
 
 MAMBA_TARGETS = ("in_proj", "out_proj")
@@ -160,7 +160,7 @@ def load_adapter(model: Zamba2LM, folder: str | Path) -> LoRA:
     """Wrap `model` as the adapter folder's LoRA describes and load its weights; returns that LoRA."""
     folder = Path(folder)
     try:
-        settings = json.loads((folder / "adapter_config.json").read_text())
+        settings = read_json(folder / "adapter_config.json")
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder}: no adapter_config.json") from None
     lora = LoRA(**settings)
