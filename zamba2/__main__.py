@@ -132,8 +132,8 @@ def cmd_eval_perplexity(args) -> None:
 
     model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     stats: dict = {}
-    r = perplexity(model, load_tokenizer(args.model, model.config.vocab_size), read_documents(args.data, args.text_key, stats), args.window,
-                   args.stride)
+    tok = load_tokenizer(args.model, model.config.vocab_size)
+    r = perplexity(model, tok, read_documents(args.data, args.text_key, stats), args.window, args.stride)
     print(f"perplexity {r['perplexity']:.3f} ({r['nll_per_token']:.4f} nats/token) over {r['tokens']:,} tokens in "
           f"{r['documents']:,} documents; window {r['window']}, stride {r['stride']}"
           + (f"; skipped {stats['bad_lines']} malformed JSONL lines" if stats["bad_lines"] else ""))

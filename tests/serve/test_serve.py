@@ -222,7 +222,8 @@ def test_prompts_are_tokenized_off_the_event_loop(local, checkpoint, monkeypatch
     monkeypatch.setattr(server.codec, "encode", encode_and_note_the_thread)
     chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     with TestClient(create_app(server)) as http:
-        assert http.post("/v1/completions", json={"model": NAME, "prompt": ["a", "b"], "max_tokens": 1}).status_code == 200
+        r = http.post("/v1/completions", json={"model": NAME, "prompt": ["a", "b"], "max_tokens": 1})
+        assert r.status_code == 200
         assert http.post("/v1/chat/completions", json=chat).status_code == 200
         assert http.post("/tokenize", json={"prompt": "a"}).status_code == 200
     assert on_loop == [False] * 4

@@ -106,11 +106,9 @@ def load_tokenizer(folder: str | Path | None = None, model_vocab_size: int | Non
 
     With `model_vocab_size`, a tokenizer with more tokens than the model's embedding is refused: its
     extra ids would fail deep inside the model."""
-    tok = None
-    if folder is not None:
-        folder = Path(folder)
-        tok = next((Tokenizer(folder / n) for n in ("tokenizer.json", "tokenizer.model") if (folder / n).exists()), None)
-    tok = tok or Tokenizer(mistral_v1_model_path())
+    names = ("tokenizer.json", "tokenizer.model")
+    found = [Path(folder) / n for n in names if (Path(folder) / n).exists()] if folder is not None else []
+    tok = Tokenizer(found[0] if found else mistral_v1_model_path())
     if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
         raise UserError(f"{tok.path}: the tokenizer has {tok.vocab_size} tokens but the model only {model_vocab_size}")
     return tok
