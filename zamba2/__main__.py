@@ -6,7 +6,20 @@ import argparse
 import os
 import sys
 
+from .errors import UserError
+
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def utf8_text(s: str) -> str:
+    """An argparse type for text flags: bytes that are not UTF-8 reach Python as lone surrogates
+    (surrogateescape), which no tokenizer can encode."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text (byte 0x{ord(s[e.start]) - 0xDC00:02x} at "
+                                         f"character {e.start})") from None
+    return s
 
 
 def cmd_generate(args) -> None:
@@ -17,9 +30,7 @@ def cmd_generate(args) -> None:
     model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if args.int8:
         quantize_int8(model)
-    tok = load_tokenizer(args.model)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
+    tok = load_tokenizer(args.model, model.config.vocab_size)
     ids = tok.encode(args.prompt)
     push = tok.stream_decoder()
     for i in ids:  # feed the prompt so the continuation decodes in context (leading spaces, split characters)
@@ -107,7 +118,8 @@ def cmd_demo(args) -> None:
 def cmd_serve(args) -> None:
     from .serve.app import Limits, serve
 
-    limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_n=args.max_n)
+    limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_n=args.max_n,
+                    max_body_bytes=args.max_body_bytes)
     serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits, args.int8)
 
 
@@ -120,8 +132,8 @@ def cmd_eval_perplexity(args) -> None:
 
     model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     stats: dict = {}
-    r = perplexity(model, load_tokenizer(args.model), read_documents(args.data, args.text_key, stats), args.window,
-                   args.stride)
+    tok = load_tokenizer(args.model, model.config.vocab_size)
+    r = perplexity(model, tok, read_documents(args.data, args.text_key, stats), args.window, args.stride)
     print(f"perplexity {r['perplexity']:.3f} ({r['nll_per_token']:.4f} nats/token) over {r['tokens']:,} tokens in "
           f"{r['documents']:,} documents; window {r['window']}, stride {r['stride']}"
           + (f"; skipped {stats['bad_lines']} malformed JSONL lines" if stats["bad_lines"] else ""))
@@ -152,7 +164,7 @@ def cmd_data(args) -> None:
         for spec in args.source or []:
             name, sep, pattern = spec.partition("=")
             if not sep or not name or not pattern:
-                raise ValueError(f"--source takes NAME=GLOB, not {spec!r}")
+                raise UserError(f"--source takes NAME=GLOB, not {spec!r}")
             sources.append({"name": name, "paths": [pattern]})
         stages = {"filter": ["normalize", "filter"], "dedup": ["dedup"], "classify": ["classify"],
                   "tokenize": ["tokenize"]}[args.data_command]
@@ -210,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt, streaming tokens as they come")
     g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
-    g.add_argument("--prompt", required=True, help="text to continue (BOS is added)")
+    g.add_argument("--prompt", required=True, type=utf8_text, help="text to continue (BOS is added)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     # sampling
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -275,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503 (default 256)")
     s.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt) accepted (default 16)")
+    s.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
+                   help="larger request bodies get 413 (default 8 MiB)")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="perplexity, or lm-evaluation-harness tasks on the model")
@@ -342,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+    except (UserError, FileNotFoundError) as e:  # bad input: one line, not a traceback (bugs keep theirs)
         print(f"zamba2 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

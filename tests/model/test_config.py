@@ -44,6 +44,13 @@ def test_unknown_key_is_rejected_by_name():
     (dict(layers_block_type=["mamba", "attention", "mamba"]), "unknown layer type 'attention'"),
     (dict(n_mamba_heads=5), "must divide by n_mamba_heads"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4}), "rope type 'yarn'"),
+    # every field's type and range, checked when the config is built
+    (dict(hidden_size="32"), r"hidden_size = '32' is not an integer"),
+    (dict(use_mem_rope=1), "use_mem_rope = 1 is not true or false"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps = nan; expected a number > 0"),
+    (dict(num_mem_blocks=0), "num_mem_blocks = 0; expected a number > 0"),
+    (dict(eos_token_id=[2, 40000]), r"eos_token_id = \[2, 40000\]; expected token ids in \[0, 32000\)"),
+    (dict(pad_token_id=-1), "pad_token_id = -1"),
 ])
 def test_contradictions_are_named(bad, message):
     d = dict(hidden_size=32, num_hidden_layers=3, layers_block_type=["mamba", "hybrid", "mamba"], n_mamba_heads=4,
@@ -69,3 +76,5 @@ def test_presets_are_valid():
     assert 40e6 < zamba2.preset("small").num_parameters() < 50e6
     with pytest.raises(ValueError, match="unknown preset"):
         zamba2.preset("13b")
+    with pytest.raises(ValueError, match="unknown Config field 'hiden_size' \\(did you mean 'hidden_size'\\?\\)"):
+        zamba2.preset("tiny", hiden_size=64)

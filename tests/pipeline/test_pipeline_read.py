@@ -65,3 +65,14 @@ def test_clear_errors(tmp_path):
     (tmp_path / "cut.jsonl.gz").write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match="unreadable"):
         list(records(str(tmp_path / "cut.jsonl.gz")))
+    # garbage in the middle of a stream (zlib.error, not an OSError): the rest of the file is lost, so it stops
+    middle = len(good) // 2
+    (tmp_path / "mid.jsonl.gz").write_bytes(good[:middle] + b"\xff" * 64 + good[middle + 64:])
+    with pytest.raises(ValueError, match="mid.jsonl.gz: unreadable"):
+        list(records(str(tmp_path / "mid.jsonl.gz")))
+
+
+def test_a_binary_txt_file_is_a_bad_record(tmp_path):
+    (tmp_path / "a.txt").write_bytes(bytes(range(256)) * 8)
+    stats = {}
+    assert list(records(str(tmp_path / "a.txt"), stats=stats)) == [None] and stats["bad_lines"] == 1

@@ -172,3 +172,22 @@ def test_classifier_keeps_by_label_or_score(inputs):
     with pytest.raises(ValueError, match="no_such_module"):
         load_classifier("no_such_module:make")
     assert isinstance(load_classifier("helpers.pipeline:tiny_classifier"), HashedLogistic)   # module:factory
+
+
+def test_the_same_toml_by_any_path_is_the_same_run(tmp_path, monkeypatch):
+    """`paths` may be one glob as a string, and p.toml, $PWD/p.toml and sub/p.toml (from the parent folder)
+    name one run: the work folder's fingerprint holds absolute paths, so each rerun resumes it."""
+    from zamba2.__main__ import main
+
+    folder = tmp_path / "sub"
+    (folder / "raw").mkdir(parents=True)
+    (folder / "raw" / "a.jsonl").write_text("".join(json.dumps({"text": f"Document {i}. " + "Some words here. " * 30})
+                                                    + "\n" for i in range(20)))
+    (folder / "p.toml").write_text('stages = ["normalize", "filter"]\n[[source]]\nname = "a"\npaths = "raw/*.jsonl"\n')
+    monkeypatch.chdir(folder)
+    assert main(["data", "run", "p.toml"]) == 0
+    assert main(["data", "run", str(folder / "p.toml")]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "run", "sub/p.toml"]) == 0
+    report = json.loads((folder / "work" / "report.json").read_text())
+    assert report["sources"]["a"]["read"]["docs_out"] == 20

@@ -35,7 +35,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    proc, url = start_server(checkpoint, NAME, "--max-batch", "16", "--max-n", "4")
+    proc, url = start_server(checkpoint, NAME, "--max-batch", "16", "--max-n", "4", "--max-queue", "128",
+                             "--max-body-bytes", "1000000")
     yield url
     proc.terminate()
     proc.wait(30)
@@ -173,6 +174,17 @@ def test_bad_requests_get_openai_errors_and_the_server_lives(server):
     error(httpx.post(f"{server}/v1/chat/completions", json={"model": NAME, "messages": [{"content": "hi"}]}), 400,
           "role")
     error(httpx.get(f"{server}/v1/nothing"), 404, "Not Found")
+    error(httpx.post(url, json={"model": NAME, "prompt": "x", "seed": 2**63}), 400, "seed")
+    error(httpx.post(url, json={"model": NAME, "prompt": "x", "seed": -1}), 400, "seed")
+    # 64 prompts x n=4 can never fit a queue of 128: a 400 naming the limit, not a 503 "retry later"
+    error(httpx.post(url, json={"model": NAME, "prompt": ["x"] * 64, "n": 4, "max_tokens": 1}), 400,
+          "queues at most 128 (--max-queue)")
+    error(httpx.post(url, json={"model": NAME, "prompt": "x" * 1_000_001}), 413, "at most 1000000 (--max-body-bytes)")
+    big = json.dumps({"model": NAME, "prompt": "x" * 1_000_001}).encode()  # no length announced: counted as it comes
+    error(httpx.post(url, content=iter([big[:500_000], big[500_000:]]), headers={"content-type": "application/json"}),
+          413, "--max-body-bytes")
+    ok = httpx.post(url, json={"model": NAME, "prompt": "x", "max_tokens": 2, "seed": 2**63 - 1, "n": 2})
+    assert ok.status_code == 200, ok.text
     ok = httpx.post(url, json={"model": NAME, "prompt": "x", "max_tokens": 2, "unknown_field": 1})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
@@ -186,6 +198,35 @@ def test_chat_without_a_template_is_a_clear_error(checkpoint, local, tmp_path):
     with TestClient(create_app(server)) as http:
         r = http.post("/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "hi"}]})
     error(r, 400, "no chat template")
+
+
+def test_prompts_are_tokenized_off_the_event_loop(local, checkpoint, monkeypatch):
+    """A long prompt takes seconds to tokenize; on the event loop it would stall every other request (/health)."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from zamba2.serve.app import Server, create_app
+
+    server = Server(local[0], local[1], checkpoint, NAME)
+    on_loop, encode = [], server.codec.encode
+
+    def encode_and_note_the_thread(*a, **k):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no event loop in this thread: a worker thread
+            on_loop.append(False)
+        return encode(*a, **k)
+
+    monkeypatch.setattr(server.codec, "encode", encode_and_note_the_thread)
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    with TestClient(create_app(server)) as http:
+        r = http.post("/v1/completions", json={"model": NAME, "prompt": ["a", "b"], "max_tokens": 1})
+        assert r.status_code == 200
+        assert http.post("/v1/chat/completions", json=chat).status_code == 200
+        assert http.post("/tokenize", json={"prompt": "a"}).status_code == 200
+    assert on_loop == [False] * 4
 
 
 def test_a_client_that_disconnects_frees_its_row(server):

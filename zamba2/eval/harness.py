@@ -21,6 +21,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from ..errors import UserError
 from ..model.checkpoint import load
 from ..infer.generate import stream
 from ..text.tokenizer import load_tokenizer
@@ -32,15 +33,13 @@ class Zamba2Harness(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = False, **unused):
         super().__init__()
         if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
+            raise UserError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
         device = device or "cpu"
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line asks for cuda by default; its HF model falls back the same way
         self.model = load(pretrained, dtype=getattr(torch, dtype), device=device)
-        self.tok = load_tokenizer(pretrained)
         cfg = self.model.config
-        if self.tok.vocab_size > cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tok.vocab_size} tokens but the model only {cfg.vocab_size}")
+        self.tok = load_tokenizer(pretrained, cfg.vocab_size)
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)  # no memory probing
         self.max_length = int(max_length or cfg.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)
@@ -146,7 +145,7 @@ def evaluate(model_path: str, tasks: list[str], include_path: str | None = None,
         manager = TaskManager(include_path=paths)
     missing = [t for t in tasks if not manager.match_tasks([t])]
     if missing:
-        raise ValueError(f"unknown task(s) {missing}; the bundled offline tasks are "
+        raise UserError(f"unknown task(s) {missing}; the bundled offline tasks are "
                          f"{sorted(p.stem for p in TASKS_DIR.glob('*.yaml'))}")
     model_args = {"pretrained": model_path, "dtype": dtype}  # device and batch_size travel separately
     if max_length:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ..errors import UserError
 from ..model.zamba2 import Zamba2LM
 from ..text.tokenizer import Tokenizer
 
@@ -22,7 +23,7 @@ from ..text.tokenizer import Tokenizer
 def document_nll(model: Zamba2LM, ids: list[int], window: int, stride: int) -> tuple[float, int]:
     """(sum of -log p(token | context), number of tokens scored) over ids[1:]; ids[0] (BOS) is context only."""
     if not 1 <= stride < window:
-        raise ValueError(f"need 1 <= stride < window, got stride {stride} and window {window}")
+        raise UserError(f"need 1 <= stride < window, got stride {stride} and window {window}")
     total, scored, start = 0.0, 1, 0
     while scored < len(ids):
         end = min(start + window, len(ids))
@@ -48,6 +49,6 @@ def perplexity(model: Zamba2LM, tokenizer: Tokenizer, texts: Iterable[str], wind
         doc_nll, n = document_nll(model, ids, window, stride)
         nll, tokens, docs = nll + doc_nll, tokens + n, docs + 1
     if not tokens:
-        raise ValueError("no tokens to score: the data holds no non-empty documents")
+        raise UserError("no tokens to score: the data holds no non-empty documents")
     return {"documents": docs, "tokens": tokens, "nll_per_token": nll / tokens, "perplexity": math.exp(nll / tokens),
             "window": window, "stride": stride}

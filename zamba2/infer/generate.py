@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
+from ..errors import UserError, check_sampling
 from . import graphs
 from ..model.zamba2 import Zamba2LM
 
@@ -20,8 +21,7 @@ GPU_PREFILL_CHUNK = 4096  # on a GPU each piece costs ~60 kernel launches per la
 def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> Tensor:
     """logits [b, vocab] -> token ids [b]. Greedy at temperature 0; otherwise top-k, then nucleus (top-p)."""
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
-        raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -68,12 +68,13 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     b, t = input_ids.shape
+    check_sampling(temperature, top_k, top_p, seed)  # before the prefill, not at the first sampled token
     if t == 0:
-        raise ValueError("empty prompt: give at least one token (e.g. BOS)")
+        raise UserError("empty prompt: give at least one token (e.g. BOS)")
     if max_new_tokens < 0 or prefill_chunk is not None and prefill_chunk < 1:
-        raise ValueError("max_new_tokens must be >= 0 and prefill_chunk >= 1")
+        raise UserError("max_new_tokens must be >= 0 and prefill_chunk >= 1")
     if t + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+        raise UserError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
                          f"length ({cfg.max_position_embeddings})")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
                        device=model.device, dtype=torch.long)

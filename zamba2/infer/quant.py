@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..ops import kernels
 from ..ops.decode import FUSABLE
+from ..errors import UserError
 from ..model.zamba2 import FEW_ROWS, Linear, Zamba2LM
 from ..ops.hardware import NATIVE_BF16
 
@@ -82,7 +83,7 @@ def quantize_int8(model: Zamba2LM) -> Zamba2LM:
     up-projections of tiny test models) stays in float: too narrow to gain from int8.
     """
     if model.device.type != "cpu":
-        raise ValueError("int8 weight-only quantization is a CPU decode path; the model is on " + str(model.device))
+        raise UserError("int8 weight-only quantization is a CPU path; the model is on " + str(model.device))
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, Linear) and child.in_features % 8 == 0:

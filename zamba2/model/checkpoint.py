@@ -16,6 +16,7 @@ linear_layers); it is used only when no model.layers.* key exists.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import UserError, device as check_device
 from .config import Config
 from .zamba2 import Zamba2LM
 
@@ -62,7 +64,7 @@ _PATTERNS = [(re.compile(re.escape(src).replace(r"\{", "{").replace(r"\}", "}").
              for src, dst in HF_KEYS.items()]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder that cannot be loaded as the model its config describes."""
 
 
@@ -191,6 +193,7 @@ def convert_state_dict(tensors: dict[str, torch.Tensor], cfg: Config) -> dict[st
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Zamba2LM:
     """Load a Hugging Face style Zamba2 folder (official Hub layout or transformers' save_pretrained)."""
     path = Path(path)
+    device = check_device(device)  # a clear error before reading gigabytes of weights
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     cfg = Config.from_json(path / "config.json")
@@ -213,7 +216,7 @@ def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2*
     disk, kill) leaves any previous checkpoint at `path` intact.
     """
     if model.quantized:
-        raise ValueError(f"this model is {model.quantized}-quantized for inference; save the float model instead")
+        raise UserError(f"this model is {model.quantized}-quantized for inference; save the float model instead")
     path = Path(path)
     cfg = model.config
     weights = model.state_dict() if state_dict is None else state_dict
@@ -243,11 +246,25 @@ def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2*
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if train_state is not None:
-            torch.save(train_state, tmp / "train_state.pt")
+            with open(tmp / "train_state.pt", "wb") as f:  # a Python file, so a full disk raises ENOSPC
+                torch.save(train_state, f)
         _swap_in(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(e):
+            kept = "the previous checkpoint is intact" if path.exists() else "nothing was written"
+            raise UserError(f"no space left on device while saving {path}; {kept}") from None
         raise
+
+
+def _no_space(e: BaseException | None) -> bool:
+    """A full disk anywhere in the exception chain. torch.save reports it as a RuntimeError ("unexpected
+    pos") with the OSError as its context, and safetensors as a SafetensorError holding the OS message."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _swap_in(tmp: Path, path: Path) -> None:

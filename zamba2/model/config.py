@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from ..errors import UserError, check_keys, check_range, check_types
 
 # old Zyphra / transformers key -> our (current config.json) key
 LEGACY_KEYS = {
@@ -38,6 +39,14 @@ IGNORED_KEYS = {
     "time_step_limit", "ft_lora", "residual_in_fp32", "layer_norm_epsilon", "sliding_window",
     "tokenizer_class", "quantization_config",
 }
+
+# sizes and rates that must be > 0 (a zero or negative one fails deep inside the model, or divides by zero)
+POSITIVE = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "num_mem_blocks", "adapter_rank", "max_position_embeddings", "mamba_d_state",
+    "mamba_d_conv", "mamba_expand", "mamba_ngroups", "n_mamba_heads", "chunk_size", "rope_theta", "time_step_min",
+    "time_step_max", "time_step_floor", "rms_norm_eps",
+)
 
 MAMBA_TYPES = {"mamba", "m", "linear_attention"}  # names used by Zyphra, old and new transformers
 HYBRID_TYPES = {"hybrid", "g"}
@@ -79,8 +88,9 @@ class Config:
     eos_token_id: int | list | None = 2
 
     def __post_init__(self):
+        check_types(self, "config")
         if not self.layers_block_type:
-            raise ValueError("config: layers_block_type is required (one 'mamba'/'hybrid' entry per layer)")
+            raise UserError("config: layers_block_type is required (one 'mamba'/'hybrid' entry per layer)")
         types = []
         for t in self.layers_block_type:
             if t in MAMBA_TYPES:
@@ -88,16 +98,25 @@ class Config:
             elif t in HYBRID_TYPES:
                 types.append("hybrid")
             else:
-                raise ValueError(f"config: unknown layer type {t!r} in layers_block_type")
+                raise UserError(f"config: unknown layer type {t!r} in layers_block_type")
         self.layers_block_type = types
         if len(types) != self.num_hidden_layers:
-            raise ValueError(
+            raise UserError(
                 f"config: layers_block_type has {len(types)} entries but num_hidden_layers is {self.num_hidden_layers}"
             )
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        for name in POSITIVE:
+            check_range("config", name, getattr(self, name), 0, low_open=True)
+        for name in ("pad_token_id", "bos_token_id"):
+            if getattr(self, name) is not None:
+                check_range("config", name, getattr(self, name), 0, self.vocab_size, high_open=True)
+        for i in self.eos_token_ids:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.vocab_size:
+                raise UserError(f"config: eos_token_id = {self.eos_token_id!r}; expected token ids in "
+                                f"[0, {self.vocab_size}) (an integer or a list of them)")
         checks = [
             (self.hidden_act in ("gelu", "gelu_pytorch_tanh", "silu"), f"hidden_act {self.hidden_act!r} unsupported"),
             (self.d_inner % self.n_mamba_heads == 0, "mamba_expand*hidden_size must divide by n_mamba_heads"),
@@ -105,14 +124,12 @@ class Config:
             ((2 * self.hidden_size) % self.num_attention_heads == 0, "2*hidden_size must divide by num_attention_heads"),
             (self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads must divide by num_key_value_heads"),
             (not self.use_mem_rope or self.attention_head_dim % 2 == 0, "RoPE needs an even attention head dim"),
-            (self.num_mem_blocks >= 1, "num_mem_blocks must be >= 1"),
-            (self.chunk_size >= 1, "chunk_size must be >= 1"),
             (not self.hybrid_layer_ids or len(self.hybrid_layer_ids) >= self.num_mem_blocks,
              "fewer hybrid layers than num_mem_blocks"),
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"config: {msg}")
+                raise UserError(f"config: {msg}")
 
     # ---- derived sizes (never written to config.json) ----
     @property
@@ -164,7 +181,7 @@ class Config:
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
         if rope:
             if rope.get("rope_type", rope.get("type", "default")) != "default":
-                raise ValueError(f"config: rope type {rope.get('rope_type', rope.get('type'))!r} is not used by Zamba2")
+                raise UserError(f"config: rope type {rope.get('rope_type', rope.get('type'))!r} is not used by Zamba2")
             if "rope_theta" in rope:
                 kw["rope_theta"] = rope["rope_theta"]
         for k, v in d.items():
@@ -174,7 +191,7 @@ class Config:
             elif k in DERIVED_KEYS:
                 derived[k] = v
             elif k not in IGNORED_KEYS:
-                raise ValueError(f"config: unknown key {k!r} (not a Zamba2 config.json field)")
+                check_keys("config", [k], known, "key")
         cfg = cls(**kw)
         expect = {
             "hybrid_layer_ids": cfg.hybrid_layer_ids, "mamba_headdim": cfg.mamba_headdim,
@@ -183,7 +200,7 @@ class Config:
         }
         for k, v in derived.items():
             if k in expect and v is not None and v != expect[k]:
-                raise ValueError(f"config: {k}={v} contradicts the other fields (they imply {expect[k]})")
+                raise UserError(f"config: {k}={v} contradicts the other fields (they imply {expect[k]})")
         return cfg
 
     @classmethod
@@ -194,12 +211,15 @@ class Config:
         except FileNotFoundError:
             raise FileNotFoundError(f"no config.json at {path}") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise UserError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+            raise UserError(f"{path}: expected a JSON object")
         if d.get("model_type", "zamba2") != "zamba2":
-            raise ValueError(f"{path}: model_type is {d['model_type']!r}, expected 'zamba2'")
-        return cls.from_dict(d)
+            raise UserError(f"{path}: model_type is {d['model_type']!r}, expected 'zamba2'")
+        try:
+            return cls.from_dict(d)
+        except UserError as e:  # name the file the bad value came from
+            raise UserError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -279,6 +299,7 @@ PRESETS = {"tiny": tiny, "small": small, "1.2b": zamba2_1_2b, "2.7b": zamba2_2_7
 
 def preset(name: str, **overrides) -> Config:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    check_keys(f"preset {name!r}", overrides, [f.name for f in fields(Config)], "Config field")
     return PRESETS[name](**overrides)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from ..errors import UserError
 
 _WORD = re.compile(r"\w+")
 
@@ -87,11 +88,11 @@ def load_classifier(spec: str) -> Classifier:
         return HashedLogistic.load(spec)
     module, sep, attr = spec.partition(":")
     if not sep:
-        raise ValueError(f"classifier {spec!r}: give a .npz model or 'module:factory'")
+        raise UserError(f"classifier {spec!r}: give a .npz model or 'module:factory'")
     try:
         factory = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"classifier {spec!r}: {e}") from None
+        raise UserError(f"classifier {spec!r}: {e}") from None
     return factory()
 
 
@@ -105,7 +106,7 @@ class ClassifyConfig:
 
     def __post_init__(self):
         if not self.keep_labels and self.min_score is None:
-            raise ValueError("[classify]: set keep_labels and/or min_score")
+            raise UserError("[classify]: set keep_labels and/or min_score")
 
     def keeps(self, labels: list[str], scores: np.ndarray) -> np.ndarray:
         keep = np.ones(len(labels), dtype=bool)

@@ -32,6 +32,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from ..errors import UserError
 from .classify import ClassifyConfig
 from .dedup import MODES
 from .filters import FilterConfig
@@ -53,7 +54,7 @@ class Source:
         if isinstance(self.paths, str):
             self.paths = [self.paths]
         if not self.paths or not all(isinstance(p, str) for p in self.paths):
-            raise ValueError(f"source {self.name!r}: paths must be a list of files or globs")
+            raise UserError(f"source {self.name!r}: paths must be a list of files or globs")
 
 
 @dataclass
@@ -69,9 +70,9 @@ class DedupConfig:
 
     def __post_init__(self):
         if self.preset not in PRESETS:
-            raise ValueError(f"[dedup] preset must be one of {sorted(PRESETS)}, not {self.preset!r}")
+            raise UserError(f"[dedup] preset must be one of {sorted(PRESETS)}, not {self.preset!r}")
         if self.mode not in MODES:
-            raise ValueError(f"[dedup] mode must be one of {MODES}, not {self.mode!r}")
+            raise UserError(f"[dedup] mode must be one of {MODES}, not {self.mode!r}")
         self.params  # validates the overrides
 
     @property
@@ -79,7 +80,7 @@ class DedupConfig:
         known = {f.name for f in fields(MinHashParams)}
         bad = set(self.minhash) - known
         if bad:
-            raise ValueError(f"[dedup.minhash]: unknown field(s) {sorted(bad)}; known: {sorted(known)}")
+            raise UserError(f"[dedup.minhash]: unknown field(s) {sorted(bad)}; known: {sorted(known)}")
         return replace(PRESETS[self.preset], **self.minhash)
 
     @property
@@ -112,23 +113,23 @@ class PipelineConfig:
 
     def __post_init__(self):
         if not self.sources:
-            raise ValueError("no [[source]] given")
+            raise UserError("no [[source]] given")
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"source names must be unique: {names}")
+            raise UserError(f"source names must be unique: {names}")
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
-            raise ValueError(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
+            raise UserError(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
         self.stages = [s for s in STAGES if s in self.stages]
         if self.executor not in EXECUTORS:
-            raise ValueError(f"executor must be one of {EXECUTORS}, not {self.executor!r}")
+            raise UserError(f"executor must be one of {EXECUTORS}, not {self.executor!r}")
         if self.shard_docs < 1:
-            raise ValueError("shard_docs must be positive")
+            raise UserError("shard_docs must be positive")
         if "classify" in self.stages and self.classify is None:
-            raise ValueError("stage 'classify' needs a [classify] table with a model")
+            raise UserError("stage 'classify' needs a [classify] table with a model")
         unknown = set(self.dedup.ranking) - set(names)
         if unknown:
-            raise ValueError(f"[dedup] ranking names unknown source(s) {sorted(unknown)}")
+            raise UserError(f"[dedup] ranking names unknown source(s) {sorted(unknown)}")
 
     @property
     def ranking(self) -> list[str]:
@@ -145,8 +146,8 @@ class PipelineConfig:
         known = {f.name for f in fields(cls)} | {"source"}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown pipeline key(s) {sorted(unknown)}; known: {sorted(known)}")
-        sources = [_build(Source, "[[source]]", s) for s in d.pop("source", d.pop("sources", []))]
+            raise UserError(f"unknown pipeline key(s) {sorted(unknown)}; known: {sorted(known)}")
+        sources = [_build(Source, "[[source]]", s) for s in _source_tables(d.pop("source", d.pop("sources", [])))]
         filt = FilterConfig.from_dict(d.pop("filter", {}))
         dedup = _build(DedupConfig, "[dedup]", d.pop("dedup", {}))
         classify = d.pop("classify", None)
@@ -155,7 +156,7 @@ class PipelineConfig:
         try:
             return cls(sources=sources, filter=filt, dedup=dedup, classify=classify, tokenize=tokenize, **d)
         except TypeError as e:  # a value of the wrong type
-            raise ValueError(f"pipeline config: {e}") from None
+            raise UserError(f"pipeline config: {e}") from None
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "PipelineConfig":
@@ -165,16 +166,21 @@ class PipelineConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"no such pipeline file: {path}") from None
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise UserError(f"{path}: {e}") from None
         d.update({k: v for k, v in overrides.items() if v is not None})
         base = path.parent  # relative paths in the file are relative to it
         d.setdefault("work", "work")
         d.setdefault("out", "data")
         for key in ("work", "out"):
             d[key] = str(base / d[key])
-        for s in d.get("source", []):
-            s["paths"] = [str(base / p) for p in s.get("paths", [])]
-        return cls.from_dict(d)
+        for s in _source_tables(d.get("source", [])):
+            paths = s.get("paths", [])
+            paths = [paths] if isinstance(paths, str) else paths  # one glob may be given as a string
+            s["paths"] = [str(base / p) if isinstance(p, str) else p for p in paths]
+        try:
+            return cls.from_dict(d)
+        except UserError as e:  # name the file the bad value came from
+            raise UserError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -192,7 +198,22 @@ class PipelineConfig:
         d = self.to_dict()
         for key in ("executor", "workers", "ray_address"):
             d.pop(key)
+        # absolute paths: `p.toml`, `$PWD/p.toml` and `sub/p.toml` from the parent folder are one run
+        d["work"], d["out"] = os.path.abspath(d["work"]), os.path.abspath(d["out"])
+        for src in d["source"]:
+            src["paths"] = [os.path.abspath(p) for p in src["paths"]]
+        if d["tokenize"]["tokenizer"] is not None:
+            d["tokenize"]["tokenizer"] = os.path.abspath(d["tokenize"]["tokenizer"])
         return d
+
+
+def _source_tables(sources) -> list[dict]:
+    """The sources as a list of tables; `[source]` (one table) instead of `[[source]]` is the usual slip."""
+    if isinstance(sources, dict):
+        raise UserError("[source] is a single table; write each source as [[source]] (an array of tables)")
+    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+        raise UserError(f"source = {sources!r}; expected [[source]] tables with name and paths")
+    return sources
 
 
 def _build(cls, table: str, d: dict):
@@ -200,8 +221,8 @@ def _build(cls, table: str, d: dict):
     known = {f.name for f in fields(cls)}
     unknown = set(d) - known
     if unknown:
-        raise ValueError(f"{table}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise UserError(f"{table}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
     try:
         return cls(**d)
     except TypeError as e:  # a required key is missing
-        raise ValueError(f"{table}: {e}") from None
+        raise UserError(f"{table}: {e}") from None

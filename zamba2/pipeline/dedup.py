@@ -14,6 +14,7 @@ Survivors, by source rank (0 = best):
 from __future__ import annotations
 
 import numpy as np
+from ..errors import UserError
 
 MODES = ("all", "cross-source-only")
 
@@ -78,7 +79,7 @@ def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def survivors(labels: np.ndarray, rank: np.ndarray, mode: str = "all") -> np.ndarray:
     """Boolean keep mask [N] given component labels and each document's source rank."""
     if mode not in MODES:
-        raise ValueError(f"dedup mode must be one of {MODES}, not {mode!r}")
+        raise UserError(f"dedup mode must be one of {MODES}, not {mode!r}")
     best = np.full(len(labels), np.iinfo(np.int64).max)
     np.minimum.at(best, labels, rank)
     if mode == "cross-source-only":

@@ -10,6 +10,7 @@ import json
 import multiprocessing
 from collections.abc import Callable, Iterator
 
+from ..errors import UserError
 from .report import progress
 
 
@@ -78,4 +79,4 @@ def make_executor(kind: str, workers: int = 0, address: str | None = None):
         return ProcessExecutor(workers or multiprocessing.cpu_count())
     if kind == "ray":
         return RayExecutor(address, workers)
-    raise ValueError(f"unknown executor {kind!r}")
+    raise UserError(f"unknown executor {kind!r}")

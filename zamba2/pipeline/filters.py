@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -94,13 +95,13 @@ class FilterConfig:
         wordlists = d.pop("wordlists", {})
         unknown = set(wordlists) - set(WORDLISTS)
         if unknown:
-            raise ValueError(f"[filter.wordlists]: unknown list(s) {sorted(unknown)}; known: {sorted(WORDLISTS)}")
+            raise UserError(f"[filter.wordlists]: unknown list(s) {sorted(unknown)}; known: {sorted(WORDLISTS)}")
         rules = dict(RULES)
         for name, over in d.items():
             if name not in RULES:
-                raise ValueError(f"[filter]: unknown rule {name!r}; rules: {', '.join(RULES)}")
+                raise UserError(f"[filter]: unknown rule {name!r}; rules: {', '.join(RULES)}")
             if not isinstance(over, dict) or set(over) - {"min", "max", "enabled"}:
-                raise ValueError(f"[filter.{name}]: only min, max and enabled can be set")
+                raise UserError(f"[filter.{name}]: only min, max and enabled can be set")
             rules[name] = replace(RULES[name], **over)
         return cls(rules, dict(wordlists))
 

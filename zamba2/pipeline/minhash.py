@@ -25,6 +25,7 @@ import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
+from ..errors import UserError
 
 M64 = np.uint64
 EMPTY = np.uint32(0xFFFFFFFF)  # signature of a document with no shingles
@@ -45,11 +46,11 @@ class MinHashParams:
 
     def __post_init__(self):
         if self.ngram not in ("word", "char"):
-            raise ValueError(f"dedup ngram must be 'word' or 'char', not {self.ngram!r}")
+            raise UserError(f"dedup ngram must be 'word' or 'char', not {self.ngram!r}")
         if self.n < 1 or self.num_perm < 1 or self.bands < 1 or self.rows < 1:
-            raise ValueError("dedup n, num_perm, bands and rows must be positive")
+            raise UserError("dedup n, num_perm, bands and rows must be positive")
         if self.bands * self.rows > self.num_perm:
-            raise ValueError(f"bands x rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
+            raise UserError(f"bands x rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
 
     @property
     def threshold(self) -> float:

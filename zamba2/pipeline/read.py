@@ -3,7 +3,9 @@
 A record is one JSONL line, one Parquet row or one whole .txt file. Records are read in chunks of
 `shard_docs`, so memory is bounded by the chunk size, and chunk k of a file always holds the same
 records: a resumed run skips finished chunks by record count. Bad records (broken JSON, a missing or
-non-string text field, undecodable bytes) are counted and skipped, never fatal.
+non-string text field, a binary .txt file) are counted and skipped, never fatal. A compressed file
+that is corrupt or truncated stops the run with one line naming it: what follows the damage cannot be
+read, and skipping it would silently drop the rest of the file (and shift the chunks a resume counts).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..train.data import jsonl_text
+from ..errors import UserError
+from ..train.data import decode_text, jsonl_text
 
 FORMATS = (".jsonl", ".json", ".parquet", ".txt")
 
@@ -38,10 +42,10 @@ def file_format(path: str) -> tuple[str, str | None]:
     compression = p.suffix[1:] if p.suffix in (".gz", ".zst") else None
     fmt = Path(p.stem).suffix if compression else p.suffix
     if fmt not in FORMATS:
-        raise ValueError(f"{path}: unknown format {fmt or '(none)'}; expected {', '.join(FORMATS)} "
+        raise UserError(f"{path}: unknown format {fmt or '(none)'}; expected {', '.join(FORMATS)} "
                          "(optionally .gz or .zst)")
     if fmt == ".parquet" and compression:
-        raise ValueError(f"{path}: Parquet compresses internally; don't wrap it in .{compression}")
+        raise UserError(f"{path}: Parquet compresses internally; don't wrap it in .{compression}")
     return (".jsonl" if fmt == ".json" else fmt), compression
 
 
@@ -98,7 +102,10 @@ def records(path: str, text_key: str = "text", stats: dict | None = None) -> Ite
             return
         with _open_binary(path, compression) as raw:
             if fmt == ".txt":
-                yield raw.read().decode("utf-8", errors="replace")
+                text = decode_text(raw.read())
+                if text is None:  # a binary file among the text files
+                    stats["bad_lines"] += 1
+                yield text
                 return
             for line in io.TextIOWrapper(raw, encoding="utf-8", errors="replace"):
                 if not line.strip():
@@ -107,11 +114,11 @@ def records(path: str, text_key: str = "text", stats: dict | None = None) -> Ite
                 if text is None:
                     stats["bad_lines"] += 1
                 yield text
-    except (OSError, EOFError) as e:  # truncated or corrupt compressed stream
-        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt compressed stream
+        raise UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     except Exception as e:
         if type(e).__module__.startswith(("zstandard", "pyarrow")):
-            raise ValueError(f"{path}: unreadable ({e})") from None
+            raise UserError(f"{path}: unreadable ({e})") from None
         raise
 
 
@@ -120,7 +127,7 @@ def _parquet(path: str, text_key: str, stats: dict) -> Iterator[str | None]:
 
     f = pq.ParquetFile(path)
     if text_key not in f.schema_arrow.names:
-        raise ValueError(f"{path}: no column {text_key!r} (columns: {', '.join(f.schema_arrow.names)})")
+        raise UserError(f"{path}: no column {text_key!r} (columns: {', '.join(f.schema_arrow.names)})")
     for batch in f.iter_batches(columns=[text_key], batch_size=4096):
         for text in batch.column(0).to_pylist():
             if not isinstance(text, str):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .config import PipelineConfig
 from .executors import make_executor
 from .read import expand
@@ -30,7 +31,7 @@ def run(cfg: PipelineConfig, verbose: bool = True) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     fingerprint = json.loads(json.dumps(cfg.fingerprint()))
     if (work / "config.json").exists() and read_json(work / "config.json") != fingerprint:
-        raise ValueError(f"{work} holds a run with a different configuration; delete it or use another work folder")
+        raise UserError(f"{work} holds a run with a different configuration; delete it or use another work folder")
     write_json(work / "config.json", fingerprint)
     executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
     config, wall = cfg.to_dict(), {}
@@ -79,7 +80,7 @@ def finalize_tokens(cfg: PipelineConfig, selected: list[dict], shards: list[dict
               for src in cfg.sources]
     order = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
     if not order:
-        raise ValueError("no documents left to tokenize after the pipeline's stages")
+        raise UserError("no documents left to tokenize after the pipeline's stages")
     tok = _tokenizer(cfg)
     entries = []
     for k, s in enumerate(order):

@@ -5,7 +5,8 @@ POST /tokenize, POST /detokenize and GET /tokenizer_info (lm-eval's `local-compl
 three as its "remote" tokenizer). A request becomes one engine request per choice (prompts x n); engine
 events come back through an asyncio queue, and `_Choice` turns them into text: incremental
 detokenization, stop strings, logprobs. Any way a request ends (done, stop string, error, client gone)
-cancels its engine requests, which frees their rows.
+cancels its engine requests, which frees their rows. Prompts are tokenized in a worker thread, so a long
+one never stalls the event loop (and /health), and request bodies are bounded by `Limits.max_body_bytes`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from ..errors import read_json
 from ..model.zamba2 import Zamba2LM
 from ..text.tokenizer import Tokenizer
 from .chat import ChatTemplate, TextCodec, read_tokenizer_config
@@ -36,6 +38,7 @@ class Limits:
     max_queue: int = 256  # engine requests waiting for a row; more gets 503
     max_n: int = 16  # choices per prompt
     max_prompts: int = 64  # prompts per /v1/completions call
+    max_body_bytes: int = 8 * 2**20  # larger request bodies get 413 (a 32k-token prompt is about 150 KB of text)
 
 
 class _Choice:
@@ -128,6 +131,11 @@ class Server:
                            f"were requested ({len(ids)} in the prompt, {max_tokens} to generate)", param="max_tokens")
         return max_tokens
 
+    def chat_prompt(self, messages: list, add_generation_prompt: bool, kwargs: dict | None = None) -> list[int]:
+        """The token ids of a conversation rendered with the chat template."""
+        text = self.template.render([m.template_dict() for m in messages], add_generation_prompt, kwargs)
+        return self.codec.encode(text, add_bos=False)  # the template writes its own BOS
+
     def submit(self, choices: list[_Choice], body, max_tokens: list[int], logprobs: int | None, echo: bool,
               queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
@@ -144,6 +152,9 @@ class Server:
                                       top_p=top_p, seed=seed, eos=[] if body.ignore_eos else self.eos,
                                       logprobs=logprobs, echo_logprobs=echo and logprobs is not None)
             requests.append(c.request)
+        if len(requests) > self.engine.max_queue:  # 503 would tell the client to retry, which can never succeed
+            raise APIError(f"this request needs {len(requests)} sequences (prompts x n) but the server queues at most "
+                           f"{self.engine.max_queue} (--max-queue); send fewer prompts or a smaller n", param="n")
         try:
             self.engine.submit(*requests)
         except QueueFull as e:
@@ -208,15 +219,23 @@ def _generation_defaults(folder) -> dict:
     path = Path(folder) / "generation_config.json" if folder is not None else None
     if path is None or not path.exists():
         return {}
-    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg = read_json(path)
     if cfg.get("do_sample") is False:
         return {"temperature": 0.0}
     return {k: cfg[k] for k in ("temperature", "top_p", "top_k") if isinstance(cfg.get(k), (int, float))}
 
 
-async def _parse(request: Request, schema: type[BaseModel]):
-    """The JSON body validated against `schema`; any problem becomes a 400 in OpenAI's error shape."""
-    raw = await request.body()
+async def _parse(request: Request, schema: type[BaseModel], limit: int):
+    """The JSON body validated against `schema`; any problem becomes a 400 in OpenAI's error shape, and a body
+    over `limit` bytes a 413 (read no further: the header says so, or the count passes it)."""
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise _too_large(int(size), limit)
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise _too_large(len(raw), limit)
     try:
         return schema.model_validate_json(raw)
     except ValidationError as e:
@@ -225,6 +244,11 @@ async def _parse(request: Request, schema: type[BaseModel]):
         message = "the body is not valid JSON" if err["type"] == "json_invalid" else err["msg"]
         message = message.removeprefix("Value error, ")  # pydantic's prefix for our own validators' messages
         raise APIError(f"{where}: {message}" if where else message, param=where or None) from None
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(f"the request body is {size} bytes or more; this server accepts at most {limit} "
+                    "(--max-body-bytes)", 413)
 
 
 def _sse(data) -> str:
@@ -274,18 +298,17 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        body = await _parse(request, TokenizeRequest)
+        body = await _parse(request, TokenizeRequest, server.limits.max_body_bytes)
         server.check_model(body.model)
         if body.messages is not None:
-            text = server.template.render([m.template_dict() for m in body.messages], body.add_generation_prompt)
-            ids = server.codec.encode(text, add_bos=False)  # the template writes its own BOS
+            ids = await asyncio.to_thread(server.chat_prompt, body.messages, body.add_generation_prompt)
         else:
-            ids = server.codec.encode(body.prompt, add_bos=body.add_special_tokens)
+            ids = await asyncio.to_thread(server.codec.encode, body.prompt, add_bos=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": server.context, "tokens": ids}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        body = await _parse(request, DetokenizeRequest)
+        body = await _parse(request, DetokenizeRequest, server.limits.max_body_bytes)
         server.check_model(body.model)
         vocab = server.model.config.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
@@ -294,9 +317,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, CompletionRequest, server.limits.max_body_bytes)
         server.check_model(body.model)
-        prompts, texts = _prompts(body.prompt, server.codec)
+        prompts, texts = await asyncio.to_thread(_prompts, body.prompt, server.codec)  # off the event loop
         if len(prompts) > server.limits.max_prompts:
             raise APIError(f"at most {server.limits.max_prompts} prompts per request", param="prompt")
         if body.n > server.limits.max_n:
@@ -366,13 +389,12 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await _parse(request, ChatRequest)
+        body = await _parse(request, ChatRequest, server.limits.max_body_bytes)
         server.check_model(body.model)
         if body.n > server.limits.max_n:
             raise APIError(f"n must be at most {server.limits.max_n}", param="n")
-        text = server.template.render([m.template_dict() for m in body.messages], body.add_generation_prompt,
-                                      body.chat_template_kwargs)
-        prompt = server.codec.encode(text, add_bos=False)  # the template writes its own BOS
+        prompt = await asyncio.to_thread(server.chat_prompt, body.messages, body.add_generation_prompt,
+                                         body.chat_template_kwargs)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = server.check_prompt(prompt, limit)
         choices = [_Choice(j, prompt, server.codec, body.stops) for j in range(body.n)]
@@ -446,9 +468,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str
         quantize_int8(model)
     if model.device.type == "cpu":
         kernels.get()  # built or loaded now, before the server reports healthy, never inside a request
-    tokenizer = load_tokenizer(model_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    tokenizer = load_tokenizer(model_path, model.config.vocab_size)
     server = Server(model, tokenizer, model_path, name or Path(model_path).resolve().name, limits)
     print(f"zamba2 serve: {server.name} on http://{host}:{port}/v1 (max batch {server.limits.max_batch})", flush=True)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

@@ -9,11 +9,11 @@ would otherwise spell them out as ordinary characters.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime
 from pathlib import Path
 
+from ..errors import UserError, read_json
 from ..text.tokenizer import Tokenizer
 from .protocol import APIError
 
@@ -27,10 +27,7 @@ def read_tokenizer_config(folder: str | Path | None) -> dict:
     path = Path(folder) / "tokenizer_config.json" if folder is not None else None
     if path is None or not path.exists():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path)
 
 
 class TextCodec:
@@ -81,7 +78,7 @@ class ChatTemplate:
             try:
                 self._compiled = env.from_string(template)
             except TemplateError as e:
-                raise ValueError(f"the checkpoint's chat template does not compile: {e}") from None
+                raise UserError(f"the checkpoint's chat template does not compile: {e}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, extra: dict | None = None) -> str:
         if self._compiled is None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..infer.generate import prefill, sample
 from ..model.zamba2 import Zamba2LM
 
@@ -69,7 +70,7 @@ class _Row:
 class Engine:
     def __init__(self, model: Zamba2LM, max_batch: int = 16, max_queue: int = 256):
         if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be >= 1")
+            raise UserError("max_batch and max_queue must be >= 1")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self._queue: deque[Request] = deque()
         self._wake = threading.Condition()

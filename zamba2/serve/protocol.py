@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..errors import MAX_SEED
+
 
 class APIError(Exception):
     """An error for the client, rendered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
@@ -41,7 +43,7 @@ class Sampling(_Strict):
     top_k: int | None = Field(None, ge=-1)  # vLLM extra (openai client: extra_body); -1 or 0 = off
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)  # choice i samples with seed + i (torch takes < 2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM extra: keep generating past EOS

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import UserError
+
 
 def mistral_v1_model_path() -> Path:
     import mistral_common
@@ -22,6 +24,17 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
         self.path = path
+        if not path.is_file():
+            raise FileNotFoundError(f"no such tokenizer file: {path}")
+        try:
+            self._load(path)
+        except ImportError:
+            raise
+        except Exception as e:  # both libraries raise bare Exception / RuntimeError on a malformed file
+            kind = "a tokenizers JSON file" if path.suffix == ".json" else "a SentencePiece model"
+            raise UserError(f"{path}: not {kind} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+    def _load(self, path: Path) -> None:
         if path.suffix == ".json":
             from tokenizers import Tokenizer as HFTokenizer
 
@@ -88,11 +101,14 @@ class Tokenizer:
         return push
 
 
-def load_tokenizer(folder: str | Path | None = None) -> Tokenizer:
-    """The tokenizer of a checkpoint folder, falling back to the Mistral v0.1 model from mistral-common."""
-    if folder is not None:
-        folder = Path(folder)
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (folder / name).exists():
-                return Tokenizer(folder / name)
-    return Tokenizer(mistral_v1_model_path())
+def load_tokenizer(folder: str | Path | None = None, model_vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint folder, falling back to the Mistral v0.1 model from mistral-common.
+
+    With `model_vocab_size`, a tokenizer with more tokens than the model's embedding is refused: its
+    extra ids would fail deep inside the model."""
+    names = ("tokenizer.json", "tokenizer.model")
+    found = [Path(folder) / n for n in names if (Path(folder) / n).exists()] if folder is not None else []
+    tok = Tokenizer(found[0] if found else mistral_v1_model_path())
+    if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
+        raise UserError(f"{tok.path}: the tokenizer has {tok.vocab_size} tokens but the model only {model_vocab_size}")
+    return tok

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError, read_json
 from ..text.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -32,9 +33,20 @@ def jsonl_text(line: str, text_key: str) -> str | None:
     return text if isinstance(text, str) else None
 
 
+def decode_text(data: bytes) -> str | None:
+    """The text of a file's bytes; None when they are not text: a NUL byte (no text format has one; most
+    binary files do) or more than a tenth of the characters not UTF-8 (random bytes give about half). A few bad
+    bytes in a text are replaced, not fatal."""
+    if b"\0" in data:
+        return None
+    text = data.decode("utf-8", errors="replace")
+    return None if text.count("\ufffd") > len(text) // 10 else text
+
+
 def read_documents(paths: Iterable[str | Path], text_key: str = "text", stats: dict | None = None) -> Iterator[str]:
     """Documents from .txt files (one per file) and .jsonl files (one per line, under `text_key`).
 
+    Any other name is read as a .txt file, so a binary file is refused rather than tokenized as text.
     Broken JSONL lines (bad JSON, missing/non-string text) are skipped and counted in stats["bad_lines"].
     """
     stats = stats if stats is not None else {}
@@ -42,6 +54,8 @@ def read_documents(paths: Iterable[str | Path], text_key: str = "text", stats: d
     for path in map(Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"no such input file: {path}")
+        if path.is_dir():
+            raise UserError(f"{path} is a directory; give the files in it (e.g. {path}/*.jsonl)")
         if path.suffix == ".jsonl":
             with open(path, encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -53,7 +67,11 @@ def read_documents(paths: Iterable[str | Path], text_key: str = "text", stats: d
                         continue
                     yield text
         else:
-            yield path.read_text(encoding="utf-8", errors="replace")
+            text = decode_text(path.read_bytes())
+            if text is None:  # given by name, so an error rather than a skipped record
+                raise UserError(f"{path}: not a text file (NUL bytes or mostly invalid UTF-8); expected .txt (UTF-8) "
+                                "or .jsonl")
+            yield text
 
 
 def prepare(documents: Iterable[str], out: str | Path, tokenizer: Tokenizer,
@@ -85,7 +103,7 @@ def prepare(documents: Iterable[str], out: str | Path, tokenizer: Tokenizer,
             flush()
     flush()
     if not shards:
-        raise ValueError("no documents to prepare (all inputs empty or malformed)")
+        raise UserError("no documents to prepare (all inputs empty or malformed)")
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id, "tokenizer": str(tokenizer.path), "shards": shards,
             "tokens": sum(s["tokens"] for s in shards), "docs": n_docs,
@@ -100,7 +118,7 @@ class TokenData:
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         try:
-            self.meta = json.loads((folder / "meta.json").read_text())
+            self.meta = read_json(folder / "meta.json")
         except FileNotFoundError:
             raise FileNotFoundError(f"{folder}: no meta.json (run `zamba2 prepare` first)") from None
         self.shards, self.doc_starts, offset = [], [], 0
@@ -127,7 +145,7 @@ class TokenData:
         """Token offset where the validation documents (the last `val_fraction` of documents) begin."""
         n_val = max(1, round(val_fraction * len(self.doc_starts))) if val_fraction > 0 else 0
         if n_val >= len(self.doc_starts):
-            raise ValueError("val_fraction leaves no training documents")
+            raise UserError("val_fraction leaves no training documents")
         return int(self.doc_starts[-n_val]) if n_val else self.num_tokens
 
 
@@ -141,7 +159,7 @@ class PackedLoader:
         self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
         self.lo, self.hi = lo, data.num_tokens if hi is None else hi
         if self.hi - self.lo < seq_len + 1:
-            raise ValueError(f"only {self.hi - self.lo} tokens in this split; need at least seq_len+1 = {seq_len + 1}")
+            raise UserError(f"only {self.hi - self.lo} tokens in this split; need at least seq_len+1 = {seq_len + 1}")
         self.pos = lo
 
     def row(self) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .data import IGNORE
 from ..serve.protocol import APIError
 from .sft import ROLES, ChatLoader, chat_template, encode_conversation
@@ -93,7 +94,7 @@ def read_pairs(path: str | Path, tokenizer: Tokenizer, model_folder, max_len: in
             rows.append({"input_ids": ids, "labels": labels})
     stats["pairs"] = len(rows)
     if not rows:
-        raise ValueError(f"{path}: no usable pairs ({stats['bad_lines']} malformed lines, {stats['no_assistant']} "
+        raise UserError(f"{path}: no usable pairs ({stats['bad_lines']} malformed lines, {stats['no_assistant']} "
                          f"without a final assistant turn, {stats['dropped']} too long)")
     return rows
 
@@ -130,7 +131,7 @@ class DPOObjective:
 
     def __init__(self, beta: float):
         if beta <= 0:
-            raise ValueError(f"beta must be > 0, not {beta}")
+            raise UserError(f"beta must be > 0, not {beta}")
         self.beta = beta
         self.margins: list[torch.Tensor] = []
 

@@ -16,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..errors import UserError
 from . import parallel
 from ..model.config import Config
 from .lora import LoRA, merge as merge_lora
@@ -46,7 +47,7 @@ def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, re
 
     dpo.dpo passes its own `loaders` (preference pairs) and `objective` and reuses everything else."""
     if merge and lora is None:
-        raise ValueError("--merge needs LoRA (--lora-rank); a full fine-tune is already a plain checkpoint")
+        raise UserError("--merge needs LoRA (--lora-rank); a full fine-tune is already a plain checkpoint")
     model_dir = Path(cfg.model)
     if merge and model_dir.is_dir():  # fail now, not after training
         lora.check_mergeable(Config.from_json(model_dir / "config.json"))

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..errors import UserError, read_json
 from ..model.zamba2 import Linear, Zamba2LM, linear
 
 MAMBA_TARGETS = ("in_proj", "out_proj")
@@ -88,13 +89,13 @@ class LoRA:
         self.targets = tuple(self.targets)
         unknown = sorted(set(self.targets) - set(TARGETS))
         if unknown or not self.targets:
-            raise ValueError(f"unknown LoRA target(s) {unknown or '(none)'}; choose from {list(TARGETS)}")
+            raise UserError(f"unknown LoRA target(s) {unknown or '(none)'}; choose from {list(TARGETS)}")
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+            raise UserError(f"LoRA rank must be >= 1, got {self.rank}")
         if self.shared not in ("shared", "per-visit"):
-            raise ValueError(f"--lora-shared must be 'shared' or 'per-visit', not {self.shared!r}")
+            raise UserError(f"--lora-shared must be 'shared' or 'per-visit', not {self.shared!r}")
         if self.base_dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"LoRA base dtype must be bfloat16 or float32, not {self.base_dtype!r}")
+            raise UserError(f"LoRA base dtype must be bfloat16 or float32, not {self.base_dtype!r}")
 
     def check_mergeable(self, c) -> None:
         """Raise before training what merge() would raise after it (per-visit adapters with nowhere to fold)."""
@@ -103,7 +104,7 @@ class LoRA:
         for proj in sorted(set(self.targets) - set(MAMBA_TARGETS)):
             flag = c.use_shared_mlp_adapter if proj == "gate_up_proj" else c.use_shared_attention_adapter
             if proj not in FOLDABLE or not flag:
-                raise ValueError(f"cannot merge a per-visit LoRA on {proj}: Zamba2 has no per-visit adapter there "
+                raise UserError(f"cannot merge a per-visit LoRA on {proj}: Zamba2 has no per-visit adapter there "
                                  "to fold it into; save the adapter file (no --merge), or use --lora-shared shared")
 
     def apply(self, model: Zamba2LM) -> None:
@@ -137,12 +138,12 @@ class LoRA:
         missing = sorted(k for k in params if k.endswith((".lora_A", ".lora_B")) and k not in adapters)
         unexpected = sorted(set(adapters) - set(params))
         if missing or unexpected:
-            raise ValueError(f"adapter weights do not match the LoRA setup: missing {missing[:3]}, "
+            raise UserError(f"adapter weights do not match the LoRA setup: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
         with torch.no_grad():
             for k, v in adapters.items():
                 if params[k].shape != v.shape:
-                    raise ValueError(f"adapter {k}: shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
+                    raise UserError(f"adapter {k}: shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
                 params[k].copy_(v)
 
     def save(self, model: Zamba2LM, folder: str | Path) -> None:
@@ -159,7 +160,7 @@ def load_adapter(model: Zamba2LM, folder: str | Path) -> LoRA:
     """Wrap `model` as the adapter folder's LoRA describes and load its weights; returns that LoRA."""
     folder = Path(folder)
     try:
-        settings = json.loads((folder / "adapter_config.json").read_text())
+        settings = read_json(folder / "adapter_config.json")
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder}: no adapter_config.json") from None
     lora = LoRA(**settings)
@@ -183,7 +184,7 @@ def merge(model: Zamba2LM) -> Zamba2LM:
         adapter = FOLDABLE.get(proj)
         flag = c.use_shared_mlp_adapter if proj == "gate_up_proj" else c.use_shared_attention_adapter
         if adapter is None or not flag:
-            raise ValueError(f"cannot merge a per-visit LoRA on {proj}: Zamba2 has no per-visit adapter there "
+            raise UserError(f"cannot merge a per-visit LoRA on {proj}: Zamba2 has no per-visit adapter there "
                              "to fold it into; save the adapter file (no --merge), or use --lora-shared shared")
         folds.setdefault(proj, {})[int(name.split(".")[1])] = m
     if folds:

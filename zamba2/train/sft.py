@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .data import IGNORE
 from ..serve.chat import ChatTemplate, TextCodec, read_tokenizer_config
 from ..serve.protocol import APIError
@@ -68,13 +69,13 @@ def render_segments(template: ChatTemplate, messages: list[dict]) -> list[tuple[
         prompt = template.render(messages[:i], add_generation_prompt=True)
         full = template.render(messages[:i + 1], add_generation_prompt=False)
         if not full.startswith(prompt) or not prompt.startswith(done):
-            raise ValueError("the chat template does not render conversations prefix by prefix; "
+            raise UserError("the chat template does not render conversations prefix by prefix; "
                              "cannot find the assistant turns")
         turn = full[len(prompt):]
         start = turn.find(m["content"])
         end = turn.find(eos, start + len(m["content"]))
         if start < 0 or end < 0:
-            raise ValueError(f"the chat template does not close assistant turns with the eos token {eos!r}")
+            raise UserError(f"the chat template does not close assistant turns with the eos token {eos!r}")
         end += len(eos)
         pieces += [(prompt[len(done):] + turn[:start], False), (turn[start:end], True)]
         done = full[:len(prompt) + end]
@@ -99,7 +100,7 @@ def read_conversations(path: str | Path, template: ChatTemplate, max_len: int, t
     truncated / dropped (longer than max_len, by `too_long`), conversations (kept).
     """
     if too_long not in ("truncate", "drop"):
-        raise ValueError(f"too_long must be 'truncate' or 'drop', not {too_long!r}")
+        raise UserError(f"too_long must be 'truncate' or 'drop', not {too_long!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such chat data file: {path}")
@@ -132,7 +133,7 @@ def read_conversations(path: str | Path, template: ChatTemplate, max_len: int, t
             out.append((ids, trained))
     stats["conversations"] = len(out)
     if not out:
-        raise ValueError(f"{path}: no usable conversations ({stats['bad_lines']} malformed lines, "
+        raise UserError(f"{path}: no usable conversations ({stats['bad_lines']} malformed lines, "
                          f"{stats['no_assistant']} without an assistant turn, {stats['dropped']} too long)")
     return out
 
@@ -171,7 +172,7 @@ class ChatLoader:
 
     def __init__(self, rows: list[dict], batch_size: int, vocab_size: int):
         if not rows:
-            raise ValueError("no rows to train on")
+            raise UserError("no rows to train on")
         self.rows, self.batch_size, self.vocab_size = rows, batch_size, vocab_size
         self.lo = self.pos = 0  # `lo`: where evaluate() restarts a validation pass
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import tomllib
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError, check_choice, check_keys, check_range, check_types, device
 from ..model import checkpoint
 from . import parallel
 from ..model.config import PRESETS, Config, preset
@@ -70,6 +72,37 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
 
+    def __post_init__(self):
+        where = "[train]"
+        check_types(self, where)
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "log_every"):
+            check_range(where, name, getattr(self, name), 1)
+        for name in ("steps", "warmup_steps", "anneal_steps", "anneal_warmup_steps", "seed", "weight_decay",
+                     "grad_clip"):
+            check_range(where, name, getattr(self, name), 0)
+        for name in ("min_lr_ratio", "decay_fraction", "anneal_replay"):
+            check_range(where, name, getattr(self, name), 0, 1)
+        check_range(where, "lr", self.lr, 0, low_open=True)
+        check_range(where, "anneal_lr_factor", self.anneal_lr_factor, 0, low_open=True)
+        check_range(where, "val_fraction", self.val_fraction, 0, 1, high_open=True)
+        if len(self.betas) != 2:
+            raise UserError(f"{where}: betas = {self.betas!r}; expected two numbers, e.g. [0.9, 0.95]")
+        for b in self.betas:
+            check_range(where, "betas", b, 0, 1, high_open=True)
+        check_choice(where, "dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        if self.device != "auto":
+            device(self.device, f"{where} device")
+        if self.total_steps < 1:
+            raise UserError(f"{where}: steps = {self.steps} and anneal_steps = {self.anneal_steps}: nothing to train")
+        if self.model_overrides:  # built now, so a bad [model] field is reported before any work
+            if self.model not in PRESETS:
+                raise UserError(f"[model] overrides apply to a preset ({', '.join(PRESETS)}), not to the "
+                                f"checkpoint {self.model!r}")
+            try:
+                preset(self.model, **self.model_overrides)
+            except UserError as e:
+                raise UserError(f"[model] {e}") from None
+
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
         try:
@@ -77,27 +110,27 @@ class TrainConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"no such run config: {path}") from None
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: invalid TOML ({e})") from None
+            raise UserError(f"{path}: invalid TOML ({e})") from None
         # [train]: TrainConfig fields; [model]: Config fields changed on top of the preset
         train, model = d.pop("train", {}), d.pop("model", None)
         if d:
-            raise ValueError(f"{path}: unknown table(s) {sorted(d)}; expected [train] and optionally [model]")
+            raise UserError(f"{path}: unknown table(s) {sorted(d)}; expected [train] and optionally [model]")
         if model:
             train["model_overrides"] = model
-        return cls.from_dict({**train, **{k: v for k, v in overrides.items() if v is not None}})
+        try:
+            return cls.from_dict({**train, **{k: v for k, v in overrides.items() if v is not None}})
+        except UserError as e:  # name the file the bad value came from
+            raise UserError(f"{path}: {e}") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        check_keys("[train]", d, [f.name for f in fields(cls)], "training option")
         cfg = cls(**d)
         cfg.betas = tuple(cfg.betas)
         if not cfg.data:
-            raise ValueError("training needs `data`, a folder made by `zamba2 prepare`")
+            raise UserError("training needs `data`, a folder made by `zamba2 prepare`")
         if cfg.anneal_steps and not cfg.anneal_data:
-            raise ValueError("anneal_steps > 0 needs anneal_data")
+            raise UserError("anneal_steps > 0 needs anneal_data")
         return cfg
 
     @property
@@ -141,7 +174,7 @@ def build_model(cfg: TrainConfig) -> Zamba2LM:
         torch.manual_seed(cfg.seed)
         return Zamba2LM(mc)
     if not Path(cfg.model).is_dir():
-        raise ValueError(f"model {cfg.model!r} is neither a preset {sorted(PRESETS)} nor a checkpoint folder")
+        raise UserError(f"model {cfg.model!r} is neither a preset {sorted(PRESETS)} nor a checkpoint folder")
     return checkpoint.load(cfg.model)
 
 
@@ -151,8 +184,6 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     bf16 matmuls outrun float32 ones (CPUs with bf16 instructions or AMX, bf16 GPUs), else float32."""
     if name == "auto":
         return torch.bfloat16 if fast_bf16(device) else torch.float32
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype {name!r}: use float32, bfloat16 or auto")
     return getattr(torch, name)
 
 
@@ -217,7 +248,7 @@ class Trainer:
         self.rank, self.world, self.device = parallel.setup(cfg.device)
         self.dtype = compute_dtype(cfg.dtype, self.device)
         if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
+            raise UserError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
         if loaders is not None:
             self.train_loader, self.val_loader = loaders
             data_vocab = self.train_loader.vocab_size
@@ -242,7 +273,7 @@ class Trainer:
         else:
             self.model = build_model(cfg)
         if self.model.config.vocab_size < data_vocab:
-            raise ValueError(f"data vocabulary ({data_vocab}) exceeds the model's ({self.model.config.vocab_size})")
+            raise UserError(f"data vocabulary ({data_vocab}) exceeds the model's ({self.model.config.vocab_size})")
         self.lora = lora
         if lora is not None:
             lora.apply(self.model)
@@ -261,6 +292,8 @@ class Trainer:
                 self.anneal_loader.load_state_dict(state["anneal_loader"])
             torch.set_rng_state(state["rng"])
             self.step = state["step"]
+            self.forget_metrics_after(self.step)
+        self.saved_step = self.step
 
     def _tensorboard(self):
         """A SummaryWriter under OUT/tb when TensorBoard is installed (rank 0 only), else None."""
@@ -287,8 +320,29 @@ class Trainer:
         if self.anneal_loader is not None:
             state["anneal_loader"] = self.anneal_loader.state_dict()
         if self.rank == 0:
-            checkpoint.save(self.model, self.out / "checkpoint", train_state=state, state_dict=weights)
+            try:
+                checkpoint.save(self.model, self.out / "checkpoint", train_state=state, state_dict=weights)
+            except BaseException:
+                self.forget_metrics_after(self.saved_step)  # the steps since then will be trained again
+                raise
+        self.saved_step = self.step
         parallel.barrier()
+
+    def forget_metrics_after(self, step: int) -> None:
+        """Drop the metrics.jsonl records of steps after `step`, which a resume trains and logs again."""
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.exists():
+            return
+        keep = 0
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] > step:
+                        break
+                except (ValueError, KeyError):  # a line cut short by a kill
+                    break
+                keep += len(line)
+        os.truncate(path, keep)  # shrinking a file needs no free space (the disk may be full)
 
     def log(self, record: dict) -> None:
         if self.rank != 0:
