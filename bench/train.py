@@ -2,8 +2,10 @@
 
     python bench/train.py --preset small --seq-len 2048 [--batch 1] [--steps 4] [--skip-hf] [--json out.json]
 
-One optimizer step = forward + backward + AdamW on a batch of random tokens, float32, as `zamba2 train`
-runs it (flush-to-zero on, see Trainer). Both implementations start from the same random weights. The
+One optimizer step = forward + backward + AdamW on a batch of random tokens, as `zamba2 train` runs it
+(flush-to-zero on, see Trainer): ours in float32 and in bfloat16 mixed precision (float32 weights and
+optimizer state, bf16 autocast: zamba2 train's default where the CPU has bf16 instructions), transformers
+in float32. All start from the same random weights. The
 model FLOPs per token are those of the PaLM MFU convention, extended to the SSD scan:
   6 x effective parameters (every matmul weight, with the shared block counted once per use)
   + 3 x the forward FLOPs of causal attention (2 x seq x attention width per visit: QK^T and AV, halved)
@@ -48,13 +50,14 @@ def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
                              lr=1e-4, fused=False)
 
 
-def step_seconds(forward, model, ids: torch.Tensor, steps: int) -> float:
-    """Median seconds of one optimizer step (after one warm-up step)."""
+def step_seconds(forward, model, ids: torch.Tensor, steps: int, dtype: torch.dtype = torch.float32) -> float:
+    """Median seconds of one optimizer step (after one warm-up step), forward and backward under `dtype` autocast."""
     opt = optimizer(model)
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        logits = forward(ids[:, :-1])
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = forward(ids[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         opt.step()
@@ -83,14 +86,15 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len + 1))
     tokens = args.batch * args.seq_len
     flops = flops_per_token(model, args.seq_len)
-    limits = machine_limits(torch.float32)
+    limits = machine_limits(torch.bfloat16)  # float32 and bfloat16
     print(f"{cpu_summary()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, batch "
           f"{args.batch} x {args.seq_len} tokens, float32; model FLOPs/token {sum(flops.values()) / 1e6:.0f}M "
           f"(params {flops['params'] / 1e6:.0f}M, attention {flops['attention'] / 1e6:.0f}M, "
           f"scan {flops['scan'] / 1e6:.0f}M); matmul rate {limits['matmul_float32'] / 1e9:.1f} GFLOP/s")
 
-    results = {"ours": step_seconds(lambda x: model(x), model, ids, args.steps)}
+    results = {"ours": step_seconds(lambda x: model(x), model, ids, args.steps),
+               "ours bf16 mixed": step_seconds(lambda x: model(x), model, ids, args.steps, torch.bfloat16)}
     if not args.skip_hf:
         from transformers import Zamba2ForCausalLM
 
@@ -105,7 +109,9 @@ def main() -> None:
         tps = tokens / sec
         rows[name] = {"step_s": sec, "tokens_per_s": tps,
                       "mfu": tps * sum(flops.values()) / limits["matmul_float32"]}
-        print(f"  {name:13s} {sec:7.2f} s/step  {tps:8.0f} tok/s  {100 * rows[name]['mfu']:5.1f}% of matmul rate")
+        print(f"  {name:15s} {sec:7.2f} s/step  {tps:8.0f} tok/s  {100 * rows[name]['mfu']:5.1f}% of matmul rate")
+    print(f"  bf16 mixed / float32: {rows['ours bf16 mixed']['tokens_per_s'] / rows['ours']['tokens_per_s']:.2f}x "
+          f"(bf16 matmul rate / float32: {limits['matmul_bfloat16'] / limits['matmul_float32']:.2f}x)")
     if "transformers" in rows:
         print(f"  zamba2 / transformers: {rows['ours']['tokens_per_s'] / rows['transformers']['tokens_per_s']:.2f}x")
     if args.json:
