@@ -1,5 +1,14 @@
 """zamba2: exact, fast Zamba2 (Mamba2 + shared attention) models in PyTorch."""
 
+import os
+
+# OpenMP threads spin after each parallel region, waiting for more work (libgomp: 300,000 spins). With two
+# jobs on two cores that spinning starves the other job: each kept 0.10-0.38x of its speed alone in two runs of
+# `python bench/contention.py`; with 3,000 spins each keeps 0.5x and a lone job its full speed. Read when torch
+# loads OpenMP, so it holds when zamba2 is imported first (the command line); the user's own setting wins.
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "3000"
+
 from .model.cache import HybridCache
 from .model.checkpoint import CheckpointError, load, save
 from .model.config import Config, preset, tiny
