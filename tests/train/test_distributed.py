@@ -118,7 +118,7 @@ def test_lora_finetune_under_two_processes_equals_one(tmp_path):
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     args = ["--model", str(tmp_path / "base"), "--data", str(tmp_path / "chat.jsonl"), "--seq-len", "64",
             "--batch-size", "4", "--steps", "4", "--lr", "1e-2", "--warmup-steps", "1", "--log-every", "1",
-            "--device", "cpu", "--lora-rank", "2"]
+            "--device", "cpu", "--dtype", "float32", "--lora-rank", "2"]
     assert main(["finetune", *args, "--out", str(tmp_path / "one")]) == 0
     torchrun(*args, "--out", str(tmp_path / "two"), command="finetune")
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")

@@ -142,19 +142,19 @@ class Mamba2Mixer(nn.Module):
             conv_state.copy_(full[..., 1:])
             out = (full * self.conv1d.weight[:, 0]).sum(-1)  # [b,c]
             return F.silu(out if bias is None else out + bias)[:, None]  # [b,1,c]
-        w = self.conv1d.weight[:, 0].t().contiguous()  # [k,c]: tap j reads position t - (k-1) + j
+        w = self.conv1d.weight[:, 0].t().float().contiguous()  # [k,c]: tap j reads position t - (k-1) + j
         past = xBC.new_zeros(b, k - 1, xBC.shape[2]) if conv_state is None else conv_state.transpose(1, 2)
         full = torch.cat([past, xBC], dim=1)  # [b,k-1+l,c]
         if conv_state is not None:
             conv_state.copy_(full[:, l:].transpose(1, 2))  # the last k-1 rows
-        full = full.to(w.dtype)  # float32 under autocast: one conversion, then same-dtype multiply-adds
-        out = torch.zeros_like(w[0]) if bias is None else bias.to(w.dtype)
+        full = full.float()  # the taps sum in float32 (as conv1d and the compiled prefill do), one rounding after
+        out = torch.zeros_like(w[0]) if bias is None else bias.float()
         for j in range(k):
             tap = full[:, j:j + l]  # [b,l,c]
             if doc is not None and j < k - 1:  # packed documents: a tap looking back across a boundary is dropped
                 tap = tap * (doc == F.pad(doc, (k - 1 - j, 0), value=-1)[:, :l])[..., None]
             out = torch.addcmul(out, tap, w[j])
-        return F.silu(out)
+        return F.silu(out).to(torch.promote_types(xBC.dtype, self.conv1d.weight.dtype))  # float32 under autocast
 
     def forward(self, u: Tensor, mask: Tensor | None, chunk_size: int, conv_state: Tensor | None = None,
                 ssm_state: Tensor | None = None, doc: Tensor | None = None) -> Tensor:
