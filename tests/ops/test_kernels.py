@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import zamba2
 from zamba2.ops import decode as compiled_decode, kernels
 from zamba2.ops.decode import plain
-from zamba2.model.zamba2 import WIDE, RMSNorm, linear
 from zamba2.ops.hardware import NATIVE_BF16
+from zamba2.ops.layers import WIDE, RMSNorm, linear
 
 from conftest import random_model
 
@@ -99,7 +99,7 @@ def test_linear_rows_equals_linear(k, rows, n, k_):
 
 
 def test_wide_prompt_matmuls_use_linear_rows(k, monkeypatch):
-    """model.linear sends a prompt's float32 matmul through linear_rows when the weight is WIDE, and bfloat16 there
+    """ops.layers.linear sends a prompt's float32 matmul through linear_rows when the weight is WIDE, and bfloat16 there
     too on CPUs without bf16 instructions (upcast), with the result of F.linear; narrow ones (adapters) and decode
     rows stay on their own paths."""
     used = []

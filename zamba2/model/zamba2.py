@@ -25,87 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import decode, kernels
-from ..ops.hardware import NATIVE_BF16
+from ..ops.layers import FUSED_DTYPES, Linear, RMSNorm, linear
 from .cache import HybridCache
 from .config import Config
-from ..ops.decode import FUSABLE
 from .ssd import ssd_chunked, ssd_step
 
 
-FEW_ROWS = 16
-WIDE = (1024, 512)  # (out, in) features from which a prompt's float32 matmul runs as linear_rows (see linear)
-FUSED_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled decode takes (kernels.py, decode.py)
 # The scan's chunk length on the CPU is at most this (the config's chunk_size, 256 in the released models,
 # elsewhere). The chunked scan is exact for any length; its intra-chunk work grows with the chunk, and on the
 # 2-core AVX2 machine 64 ran prefill 1.2-1.5x and training 1.1-1.3x faster than 256 (bench/compare.py).
 CPU_MAX_CHUNK = 64
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, with CPU paths that measured faster on the 2-core AVX2 machine:
-
-    - few rows (decode), float32 or bfloat16: the compiled GEMV (kernels.py), a streaming read of the
-      weight at 1.5-2.5x MKL's rate on decode shapes. Without it, float32: (W @ x^T)^T, where MKL's GEMM
-      with the weight as the left operand ran 1.5-3x faster for 2-16 rows and no slower for one.
-    - many rows (prefill), float32, a projection at least WIDE: the compiled linear_rows (W @ x^T, then an
-      AVX2 transpose back; csrc/cpu_matmul.cpp). It ran a 1.2B prefill 1.1x faster (80% -> 89% of the
-      matmul rate); narrower projections (the rank-r adapters) ran slower that way.
-    - bfloat16 without bf16 instructions, more than 16 rows (prefill): computed in float32. There torch's
-      bf16 GEMM costs a whole GEMV per row (9x slower than float32 at 2048 rows), while upcasting the
-      weight costs about one matmul row pass; for few rows (decode) that upcast would cost more than it saves.
-    """
-    rows = x.numel() // x.shape[-1]
-    if rows <= FEW_ROWS:
-        if weight.dtype in FUSED_DTYPES and weight.is_contiguous() and (k := kernels.get(x, weight)) is not None:
-            y = k.gemv(weight, x.reshape(rows, -1).float().contiguous())  # [rows, out] float32
-        elif x.device.type == "cpu" and x.dtype == torch.float32:
-            y = (weight @ x.reshape(rows, -1).t()).t()
-        else:
-            return F.linear(x, weight, bias)
-    elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and not NATIVE_BF16:
-        return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-    elif (x.dtype == weight.dtype == torch.float32 and weight.shape[0] >= WIDE[0] and weight.shape[1] >= WIDE[1]
-          and (k := kernels.get(x, weight)) is not None):
-        y = k.linear_rows(x.reshape(rows, -1), weight)
-    else:
-        return F.linear(x, weight, bias)
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])  # [..., out]
-
-
-class Linear(nn.Linear):
-    scale = None  # weights are used as stored (quant.Int8Linear has a scale per row)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-FUSABLE.add(Linear)  # the compiled decode reads its weight itself (decode.py)
-
-
-class RMSNorm(nn.Module):
-    """Normalise in fp32, cast back, then scale (the multiply runs in the input dtype, as transformers does)."""
-
-    def __init__(self, dim: int, eps: float, group_size: int | None = None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-        self.group_size = group_size or dim
-
-    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (gate is None and rows <= FEW_ROWS and self.group_size == x.shape[-1] and x.dtype in FUSED_DTYPES
-                and x.dtype == self.weight.dtype and x.is_contiguous()
-                and (k := kernels.get(x, self.weight)) is not None):
-            return k.rms_norm(x.view(rows, -1), self.weight, self.eps).view(x.shape)  # decode: one call
-        dtype = x.dtype
-        x = x.float()
-        if gate is not None:  # Mamba2's gated norm: gate before normalising (norm_before_gate=False)
-            x = x * F.silu(gate.float())
-        xg = x.view(*x.shape[:-1], -1, self.group_size)  # per-group RMS (groups of d_inner / ngroups)
-        xg = F.rms_norm(xg, (self.group_size,), eps=self.eps)  # x * rsqrt(mean(x^2) + eps), one fused op
-        return self.weight * xg.view(x.shape).to(dtype)
 
 
 def adapter(d_in: int, rank: int, d_out: int) -> nn.Sequential:

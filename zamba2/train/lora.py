@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import UserError, read_json
-from ..model.zamba2 import Linear, Zamba2LM, linear
+from ..model.zamba2 import Zamba2LM
+from ..ops.layers import Linear, linear
 
 MAMBA_TARGETS = ("in_proj", "out_proj")
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
