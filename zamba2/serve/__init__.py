@@ -1,2 +1,2 @@
 """OpenAI-compatible serving: `engine` batches requests on the model, `protocol` defines the API's JSON,
-`chat` renders chat templates, `app` is the FastAPI application that ties them together."""
+`app` is the FastAPI application that ties them together (chat templates come from text/chat.py)."""

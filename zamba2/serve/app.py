@@ -25,8 +25,8 @@ from starlette.exceptions import HTTPException
 
 from ..errors import read_json
 from ..model.zamba2 import Zamba2LM
+from ..text.chat import ChatTemplate, ChatTemplateError, TextCodec, read_tokenizer_config
 from ..text.tokenizer import Tokenizer
-from .chat import ChatTemplate, TextCodec, read_tokenizer_config
 from .engine import Engine, Event, QueueFull
 from .engine import Request as EngineRequest
 from .protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, usage
@@ -133,7 +133,11 @@ class Server:
 
     def chat_prompt(self, messages: list, add_generation_prompt: bool, kwargs: dict | None = None) -> list[int]:
         """The token ids of a conversation rendered with the chat template."""
-        text = self.template.render([m.template_dict() for m in messages], add_generation_prompt, kwargs)
+        try:
+            text = self.template.render([m.template_dict() for m in messages], add_generation_prompt, kwargs)
+        except ChatTemplateError as e:
+            hint = "" if self.template.source else "; use /v1/completions with a formatted prompt"
+            raise APIError(f"{e}{hint}") from None
         return self.codec.encode(text, add_bos=False)  # the template writes its own BOS
 
     def submit(self, choices: list[_Choice], body, max_tokens: list[int], logprobs: int | None, echo: bool,

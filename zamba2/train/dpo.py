@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .data import IGNORE
-from ..serve.protocol import APIError
-from .sft import ROLES, ChatLoader, chat_template, encode_conversation
+from ..text.chat import ChatTemplateError
 from ..text.tokenizer import Tokenizer, load_tokenizer
+from .data import IGNORE
+from .sft import ROLES, ChatLoader, chat_template, encode_conversation
 
 
 def _messages(value, prompt: list[dict]) -> list[dict] | None:
@@ -80,7 +80,7 @@ def read_pairs(path: str | Path, tokenizer: Tokenizer, model_folder, max_len: in
                 continue
             try:
                 sides = [encode_conversation(template, side) for side in pair]
-            except APIError:  # the template refused the conversation (e.g. roles out of order)
+            except ChatTemplateError:  # the template refused the conversation (e.g. roles out of order)
                 stats["bad_lines"] += 1
                 continue
             if any(len(ids) > max_len for ids, _ in sides):

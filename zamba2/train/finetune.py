@@ -21,8 +21,8 @@ from . import parallel
 from ..model.config import Config
 from .lora import LoRA, merge as merge_lora
 from ..model.zamba2 import Zamba2LM
-from ..serve.chat import read_tokenizer_config
-from .sft import BUILTIN_TEMPLATE, chat_loaders
+from ..text.chat import BUILTIN_TEMPLATE, read_tokenizer_config
+from .sft import chat_loaders
 from ..text.tokenizer import load_tokenizer
 from .trainer import Trainer, TrainConfig
 

@@ -1,6 +1,6 @@
 """Chat fine-tuning data: JSONL conversations -> rendered, tokenized, loss-masked, packed training rows.
 
-A conversation is rendered with the checkpoint's chat template (serve/chat.py, as transformers renders
+A conversation is rendered with the checkpoint's chat template (text/chat.py, as transformers renders
 it), or BUILTIN_TEMPLATE when tokenizer_config.json has none. The loss covers exactly the assistant
 turns: each turn's content plus the end-of-turn token that closes it. Spans are found by rendering the
 conversation prefix by prefix: render(messages[:i], generation prompt) is the text the model is given
@@ -21,28 +21,11 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .data import IGNORE
-from ..serve.chat import ChatTemplate, TextCodec, read_tokenizer_config
-from ..serve.protocol import APIError
+from ..text.chat import BUILTIN_TEMPLATE, ChatTemplate, ChatTemplateError, chat_template  # noqa: F401 (re-exported)
 from ..text.tokenizer import Tokenizer
+from .data import IGNORE
 
-# Role-tagged turns, each closed by the eos token, after the BOS every pretraining document starts with.
-BUILTIN_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
 ROLES = ("system", "user", "assistant")
-
-
-def chat_template(folder: str | Path | None, tokenizer: Tokenizer) -> ChatTemplate:
-    """The checkpoint's template (tokenizer_config.json), else BUILTIN_TEMPLATE."""
-    cfg = read_tokenizer_config(folder)
-    codec = TextCodec(tokenizer, cfg)
-    if not cfg.get("chat_template"):
-        cfg = {**cfg, "chat_template": BUILTIN_TEMPLATE}
-    return ChatTemplate(cfg, codec)
 
 
 def parse_messages(line: str) -> list[dict] | None:
@@ -121,7 +104,7 @@ def read_conversations(path: str | Path, template: ChatTemplate, max_len: int, t
                 continue
             try:
                 ids, trained = encode_conversation(template, messages)
-            except APIError:  # the template's raise_exception (e.g. roles out of order)
+            except ChatTemplateError:  # the template's raise_exception (e.g. roles out of order)
                 stats["bad_lines"] += 1
                 continue
             if len(ids) > max_len:
