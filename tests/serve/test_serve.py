@@ -27,7 +27,7 @@ NAME = "tiny-zamba2"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / "ckpt"
-    random_model(zamba2.tiny(vocab_size=32000, max_position_embeddings=256)).save(path)  # Mistral vocabulary
+    zamba2.save(random_model(zamba2.tiny(vocab_size=32000, max_position_embeddings=256)), path)  # Mistral vocabulary
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                             "chat_template": TEMPLATE}))
     return path

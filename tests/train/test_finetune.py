@@ -96,7 +96,7 @@ def chat_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     from conftest import random_model
 
-    random_model(**TINY).save(root / "base")
+    zamba2.save(random_model(**TINY), root / "base")
     (root / "chat.jsonl").write_text("\n".join(json.dumps(conversation(i)) for i in range(40)) + "\n{bad\n")
     return root
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import parallel
+from ..model.checkpoint import save
 from ..model.config import Config
 from .lora import LoRA, merge as merge_lora
 from ..model.zamba2 import Zamba2LM
@@ -70,7 +71,7 @@ def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, re
                     model.load_state_dict(full)
             out = Path(cfg.out) / ("merged" if merge else "adapter")
             if trainer.rank == 0:
-                merge_lora(model).save(out) if merge else lora.save(model, out)
+                save(merge_lora(model), out) if merge else lora.save(model, out)
         if trainer.rank == 0:
             write_tokenizer_files(cfg.model, out)
     finally:
