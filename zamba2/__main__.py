@@ -116,7 +116,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .serve.app import Limits, serve
+    from .serve.app import serve
+    from .serve.server import Limits
 
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_n=args.max_n,
                     max_body_bytes=args.max_body_bytes)
