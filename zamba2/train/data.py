@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError, read_json
+from ..model.score import IGNORE  # noqa: F401 (re-exported: the loaders' label for an unscored position)
 from ..text.tokenizer import Tokenizer
 
-IGNORE = -100
 
 
 def jsonl_text(line: str, text_key: str) -> str | None:

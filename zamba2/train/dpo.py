@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..model.score import token_logprobs
 from ..text.chat import ChatTemplateError
 from ..text.tokenizer import Tokenizer, load_tokenizer
 from .data import IGNORE
@@ -103,8 +104,7 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, dtype: 
     """Summed log-probability of the labelled tokens of each row: [n, L] -> [n]."""
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
         logits = model(input_ids)
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return (logp * (labels != IGNORE)).sum(-1)
+    return token_logprobs(logits, labels).sum(-1)
 
 
 @torch.no_grad()

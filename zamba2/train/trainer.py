@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError, check_choice, check_keys, check_range, check_types, device
 from ..model import checkpoint
 from . import parallel
 from ..model.config import PRESETS, Config, preset
+from ..model.score import token_logprobs
 from .data import IGNORE, MixedLoader, PackedLoader, TokenData
 from ..model.zamba2 import Zamba2LM
 from ..ops.hardware import fast_bf16
@@ -191,8 +191,7 @@ def lm_loss(model: Zamba2LM, batch: dict, dtype: torch.dtype) -> torch.Tensor:
     """Cross-entropy summed over the batch's target tokens (callers divide by the global token count)."""
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
         logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    return -token_logprobs(logits, batch["labels"]).sum()
 
 
 def target_count(batch: dict) -> int:
