@@ -162,6 +162,8 @@ def test_a_bug_keeps_its_traceback(checkpoint, monkeypatch):
     def broken(*a, **k):
         raise ValueError("a bug, not bad input")
 
-    monkeypatch.setattr(zamba2, "load", broken)
+    import zamba2.infer.load
+
+    monkeypatch.setattr(zamba2.infer.load, "load", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["generate", "--model", str(checkpoint), "--prompt", "x"])

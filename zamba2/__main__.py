@@ -25,12 +25,10 @@ def utf8_text(s: str) -> str:
 def cmd_generate(args) -> None:
     import torch
 
-    from . import load, load_tokenizer, quantize_int8, stream
+    from .infer.generate import stream
+    from .infer.load import load_for_inference
 
-    model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    if args.int8:
-        quantize_int8(model)
-    tok = load_tokenizer(args.model, model.config.vocab_size)
+    model, tok = load_for_inference(args.model, args.dtype, args.device, args.int8)
     ids = tok.encode(args.prompt)
     push = tok.stream_decoder()
     for i in ids:  # feed the prompt so the continuation decodes in context (leading spaces, split characters)
@@ -125,15 +123,12 @@ def cmd_serve(args) -> None:
 
 
 def cmd_eval_perplexity(args) -> None:
-    import torch
-
-    from . import load, load_tokenizer
-    from .train.data import read_documents
     from .eval.perplexity import perplexity
+    from .infer.load import load_for_inference
+    from .train.data import read_documents
 
-    model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    model, tok = load_for_inference(args.model, args.dtype, args.device)
     stats: dict = {}
-    tok = load_tokenizer(args.model, model.config.vocab_size)
     r = perplexity(model, tok, read_documents(args.data, args.text_key, stats), args.window, args.stride)
     print(f"perplexity {r['perplexity']:.3f} ({r['nll_per_token']:.4f} nats/token) over {r['tokens']:,} tokens in "
           f"{r['documents']:,} documents; window {r['window']}, stride {r['stride']}"

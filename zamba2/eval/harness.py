@@ -22,10 +22,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..errors import UserError
-from ..model.checkpoint import load
-from ..model.score import token_logprobs
 from ..infer.generate import stream
-from ..text.tokenizer import load_tokenizer
+from ..infer.load import load_for_inference
+from ..model.score import token_logprobs
 
 
 @register_model("zamba2")
@@ -38,9 +37,8 @@ class Zamba2Harness(TemplateLM):
         device = device or "cpu"
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line asks for cuda by default; its HF model falls back the same way
-        self.model = load(pretrained, dtype=getattr(torch, dtype), device=device)
+        self.model, self.tok = load_for_inference(pretrained, dtype, device)
         cfg = self.model.config
-        self.tok = load_tokenizer(pretrained, cfg.vocab_size)
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)  # no memory probing
         self.max_length = int(max_length or cfg.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)

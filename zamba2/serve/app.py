@@ -258,20 +258,14 @@ def create_app(server: Server) -> FastAPI:
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "cpu",
           name: str | None = None, limits: Limits | None = None, int8: bool = False) -> None:
     """Load a checkpoint and serve it with uvicorn until interrupted."""
-    import torch
     import uvicorn
 
-    from ..infer.quant import quantize_int8
-    from ..model.checkpoint import load
+    from ..infer.load import load_for_inference
     from ..ops import kernels
-    from ..text.tokenizer import load_tokenizer
 
-    model = load(model_path, dtype=getattr(torch, dtype), device=device)
-    if int8:
-        quantize_int8(model)
+    model, tokenizer = load_for_inference(model_path, dtype, device, int8)
     if model.device.type == "cpu":
         kernels.get()  # built or loaded now, before the server reports healthy, never inside a request
-    tokenizer = load_tokenizer(model_path, model.config.vocab_size)
     server = Server(model, tokenizer, model_path, name or Path(model_path).resolve().name, limits)
     print(f"zamba2 serve: {server.name} on http://{host}:{port}/v1 (max batch {server.limits.max_batch})", flush=True)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
