@@ -44,7 +44,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from .train.data import prepare, read_documents
+    from .text.read import read_documents
+    from .train.data import prepare
     from .text.tokenizer import Tokenizer, load_tokenizer
 
     tok = Tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer()
@@ -125,7 +126,7 @@ def cmd_serve(args) -> None:
 def cmd_eval_perplexity(args) -> None:
     from .eval.perplexity import perplexity
     from .infer.load import load_for_inference
-    from .train.data import read_documents
+    from .text.read import read_documents
 
     model, tok = load_for_inference(args.model, args.dtype, args.device)
     stats: dict = {}

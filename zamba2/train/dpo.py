@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..model.score import token_logprobs
 from ..text.chat import ChatTemplateError
+from ..text.read import parse_lines
 from ..text.tokenizer import Tokenizer, load_tokenizer
 from .data import IGNORE
 from .sft import ROLES, ChatLoader, chat_template, encode_conversation
@@ -68,31 +69,26 @@ def read_pairs(path: str | Path, tokenizer: Tokenizer, model_folder, max_len: in
         stats.setdefault(k, 0)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            pair = parse_pair(line)
-            if pair is None:
-                stats["bad_lines"] += 1
-                continue
-            if any(side[-1]["role"] != "assistant" for side in pair):
-                stats["no_assistant"] += 1
-                continue
-            try:
-                sides = [encode_conversation(template, side) for side in pair]
-            except ChatTemplateError:  # the template refused the conversation (e.g. roles out of order)
-                stats["bad_lines"] += 1
-                continue
-            if any(len(ids) > max_len for ids, _ in sides):
-                stats["dropped"] += 1
-                continue
-            ids = np.full((2, max_len), pad, dtype=np.int64)
-            labels = np.full((2, max_len), IGNORE, dtype=np.int64)
-            for s, (tok, trained) in enumerate(sides):
-                ids[s, :len(tok)] = tok
-                labels[s, :len(tok) - 1] = np.where(trained[1:], tok[1:], IGNORE)  # position t predicts t+1
-            rows.append({"input_ids": ids, "labels": labels})
+    for pair in parse_lines(path, parse_pair, stats):  # malformed lines: None, counted in bad_lines
+        if pair is None:
+            continue
+        if any(side[-1]["role"] != "assistant" for side in pair):
+            stats["no_assistant"] += 1
+            continue
+        try:
+            sides = [encode_conversation(template, side) for side in pair]
+        except ChatTemplateError:  # the template refused the conversation (e.g. roles out of order)
+            stats["bad_lines"] += 1
+            continue
+        if any(len(ids) > max_len for ids, _ in sides):
+            stats["dropped"] += 1
+            continue
+        ids = np.full((2, max_len), pad, dtype=np.int64)
+        labels = np.full((2, max_len), IGNORE, dtype=np.int64)
+        for s, (tok, trained) in enumerate(sides):
+            ids[s, :len(tok)] = tok
+            labels[s, :len(tok) - 1] = np.where(trained[1:], tok[1:], IGNORE)  # position t predicts t+1
+        rows.append({"input_ids": ids, "labels": labels})
     stats["pairs"] = len(rows)
     if not rows:
         raise UserError(f"{path}: no usable pairs ({stats['bad_lines']} malformed lines, {stats['no_assistant']} "

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import UserError
 from ..text.chat import BUILTIN_TEMPLATE, ChatTemplate, ChatTemplateError, chat_template  # noqa: F401 (re-exported)
+from ..text.read import parse_lines
 from ..text.tokenizer import Tokenizer
 from .data import IGNORE
 
@@ -91,29 +92,24 @@ def read_conversations(path: str | Path, template: ChatTemplate, max_len: int, t
     for k in ("bad_lines", "no_assistant", "truncated", "dropped", "conversations"):
         stats.setdefault(k, 0)
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
+    for messages in parse_lines(path, parse_messages, stats):  # malformed lines: None, counted in bad_lines
+        if messages is None:
+            continue
+        if not any(m["role"] == "assistant" for m in messages):
+            stats["no_assistant"] += 1
+            continue
+        try:
+            ids, trained = encode_conversation(template, messages)
+        except ChatTemplateError:  # the template's raise_exception (e.g. roles out of order)
+            stats["bad_lines"] += 1
+            continue
+        if len(ids) > max_len:
+            if too_long == "drop" or not any(trained[1:max_len]):
+                stats["dropped"] += 1
                 continue
-            messages = parse_messages(line)
-            if messages is None:
-                stats["bad_lines"] += 1
-                continue
-            if not any(m["role"] == "assistant" for m in messages):
-                stats["no_assistant"] += 1
-                continue
-            try:
-                ids, trained = encode_conversation(template, messages)
-            except ChatTemplateError:  # the template's raise_exception (e.g. roles out of order)
-                stats["bad_lines"] += 1
-                continue
-            if len(ids) > max_len:
-                if too_long == "drop" or not any(trained[1:max_len]):
-                    stats["dropped"] += 1
-                    continue
-                ids, trained = ids[:max_len], trained[:max_len]
-                stats["truncated"] += 1
-            out.append((ids, trained))
+            ids, trained = ids[:max_len], trained[:max_len]
+            stats["truncated"] += 1
+        out.append((ids, trained))
     stats["conversations"] = len(out)
     if not out:
         raise UserError(f"{path}: no usable conversations ({stats['bad_lines']} malformed lines, "
