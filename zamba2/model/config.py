@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from ..errors import UserError, check_keys, check_range, check_types
+from ..errors import UserError, check_keys, check_range, check_types, read_json
 
 # old Zyphra / transformers key -> our (current config.json) key
 LEGACY_KEYS = {
@@ -206,12 +206,7 @@ class Config:
     @classmethod
     def from_json(cls, path: str | Path) -> "Config":
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+        d = read_json(path, f"no config.json at {path}")
         if not isinstance(d, dict):
             raise UserError(f"{path}: expected a JSON object")
         if d.get("model_type", "zamba2") != "zamba2":

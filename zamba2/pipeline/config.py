@@ -28,11 +28,10 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, read_toml
 from .classify import ClassifyConfig
 from .dedup import MODES
 from .filters import FilterConfig
@@ -161,12 +160,7 @@ class PipelineConfig:
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "PipelineConfig":
         path = Path(path)
-        try:
-            d = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such pipeline file: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{path}: {e}") from None
+        d = read_toml(path, f"no such pipeline file: {path}")
         d.update({k: v for k, v in overrides.items() if v is not None})
         base = path.parent  # relative paths in the file are relative to it
         d.setdefault("work", "work")

@@ -21,13 +21,12 @@ import math
 import os
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError, check_choice, check_keys, check_range, check_types, device
+from ..errors import UserError, check_choice, check_keys, check_range, check_types, device, read_toml
 from ..model import checkpoint
 from . import parallel
 from ..model.config import PRESETS, Config, preset
@@ -105,12 +104,7 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
-        try:
-            d = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such run config: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{path}: invalid TOML ({e})") from None
+        d = read_toml(path, f"no such run config: {path}")
         # [train]: TrainConfig fields; [model]: Config fields changed on top of the preset
         train, model = d.pop("train", {}), d.pop("model", None)
         if d:
