@@ -135,10 +135,6 @@ class PipelineConfig:
         """Source names, best first: the listed ones, then the rest in declaration order."""
         return list(self.dedup.ranking) + [s.name for s in self.sources if s.name not in self.dedup.ranking]
 
-    @property
-    def num_workers(self) -> int:
-        return self.workers or os.cpu_count() or 1
-
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineConfig":
         d = dict(d)
