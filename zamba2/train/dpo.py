@@ -27,7 +27,7 @@ from ..text.chat import ChatTemplateError
 from ..text.read import parse_lines
 from ..text.tokenizer import Tokenizer, load_tokenizer
 from .data import IGNORE
-from .sft import ROLES, ChatLoader, chat_template, encode_conversation
+from .sft import ROLES, ChatLoader, chat_template, encode_conversation, shuffle_split
 
 
 def _messages(value, prompt: list[dict]) -> list[dict] | None:
@@ -161,13 +161,12 @@ def dpo(cfg, beta: float = 0.1, lora=None, merge: bool = False, resume: bool = F
 
     folder = Path(cfg.model) if Path(cfg.model).is_dir() else None
     stats: dict = {}
-    rows = read_pairs(cfg.data, load_tokenizer(folder), folder, cfg.seq_len, stats)
-    reference = build_model(cfg)  # the starting model, as the Trainer builds it
-    add_reference(rows, reference, compute_dtype(cfg.dtype, reference.device))
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))
-    rows = [rows[i] for i in order]
-    n_val = round(cfg.val_fraction * len(rows)) if len(rows) > 1 else 0
-    vocab = load_tokenizer(folder).vocab_size
-    train = PairLoader(rows[:len(rows) - n_val], cfg.batch_size, vocab)
-    val = PairLoader(rows[len(rows) - n_val:], cfg.batch_size, vocab) if n_val else None
-    return finetune(cfg, lora, merge, resume, loaders=(train, val), objective=DPOObjective(beta), stats=stats)
+    tokenizer = load_tokenizer(folder)
+    rows = read_pairs(cfg.data, tokenizer, folder, cfg.seq_len, stats)
+    model = build_model(cfg)  # the starting model: first the frozen reference, then (same weights) the policy
+    add_reference(rows, model, compute_dtype(cfg.dtype, model.device))
+    train, val = shuffle_split(rows, cfg.val_fraction, cfg.seed)
+    loaders = (PairLoader(train, cfg.batch_size, tokenizer.vocab_size),
+               PairLoader(val, cfg.batch_size, tokenizer.vocab_size) if val else None)
+    return finetune(cfg, lora, merge, resume, loaders=loaders, objective=DPOObjective(beta), stats=stats,
+                    model=None if resume else model)

@@ -43,10 +43,11 @@ def write_tokenizer_files(model: str | Path, dst: Path) -> None:
 
 def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, resume: bool = False,
              too_long: str = "truncate", loaders: tuple | None = None, objective=None,
-             stats: dict | None = None) -> dict:
+             stats: dict | None = None, model: Zamba2LM | None = None) -> dict:
     """SFT on the chat JSONL `cfg.data` starting from `cfg.model`; returns the data counts and output folder.
 
-    dpo.dpo passes its own `loaders` (preference pairs) and `objective` and reuses everything else."""
+    dpo.dpo passes its own `loaders` (preference pairs) and `objective`, and the starting `model` it has
+    already built for the reference log-probs, and reuses everything else."""
     if merge and lora is None:
         raise UserError("--merge needs LoRA (--lora-rank); a full fine-tune is already a plain checkpoint")
     model_dir = Path(cfg.model)
@@ -58,7 +59,7 @@ def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, re
         loaders = chat_loaders(cfg.data, model_dir if model_dir.is_dir() else None, tok, cfg.seq_len,
                                cfg.batch_size, cfg.val_fraction, too_long, cfg.seed, stats)
     try:
-        trainer = Trainer(cfg, resume=resume, loaders=loaders, lora=lora, objective=objective)
+        trainer = Trainer(cfg, resume=resume, loaders=loaders, lora=lora, objective=objective, model=model)
         stats["losses"] = trainer.run()
         out = Path(cfg.out) / "checkpoint"
         if lora is not None:

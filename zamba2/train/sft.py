@@ -167,17 +167,21 @@ class ChatLoader:
         self.pos = state["pos"]
 
 
+def shuffle_split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded shuffle, then the last `val_fraction` held out (nothing of a single item)."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    items = [items[i] for i in order]
+    n_val = round(val_fraction * len(items)) if len(items) > 1 else 0
+    return items[:len(items) - n_val], items[len(items) - n_val:]
+
+
 def chat_loaders(path: str | Path, model_folder: str | Path | None, tokenizer: Tokenizer, seq_len: int,
                  batch_size: int, val_fraction: float = 0.05, too_long: str = "truncate", seed: int = 0,
                  stats: dict | None = None) -> tuple[ChatLoader, ChatLoader | None]:
     """Train and validation loaders over a chat JSONL file; the last `val_fraction` of conversations (after a
     seeded shuffle) is held out."""
     template = chat_template(model_folder, tokenizer)
-    convs = read_conversations(path, template, seq_len, too_long, stats)
-    order = np.random.default_rng(seed).permutation(len(convs))
-    convs = [convs[i] for i in order]
-    n_val = round(val_fraction * len(convs)) if len(convs) > 1 else 0
+    train, val = shuffle_split(read_conversations(path, template, seq_len, too_long, stats), val_fraction, seed)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    train = ChatLoader(pack(convs[:len(convs) - n_val], seq_len, pad), batch_size, tokenizer.vocab_size)
-    val = ChatLoader(pack(convs[len(convs) - n_val:], seq_len, pad), batch_size, tokenizer.vocab_size) if n_val else None
-    return train, val
+    return (ChatLoader(pack(train, seq_len, pad), batch_size, tokenizer.vocab_size),
+            ChatLoader(pack(val, seq_len, pad), batch_size, tokenizer.vocab_size) if val else None)

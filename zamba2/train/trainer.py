@@ -228,10 +228,11 @@ class Trainer:
     """`loaders` (train, validation or None) replace the token shards of cfg.data: fine-tuning on chat rows
     (sft.ChatLoader). `lora` (a lora.LoRA) wraps the model's projections before training; only its adapter
     weights train, and checkpoints keep them in train_state.pt beside the base weights. `objective` is the
-    loss (default LMObjective; dpo.DPOObjective for preference pairs)."""
+    loss (default LMObjective; dpo.DPOObjective for preference pairs). `model` is the starting model when
+    the caller has built it already (dpo: the reference); by default build_model(cfg)."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, loaders: tuple | None = None, lora=None,
-                 objective=None):
+                 objective=None, model: Zamba2LM | None = None):
         # float32 subnormals (from strongly decayed SSM terms and tiny gradients) made CPU training
         # steps up to 20x slower in measurements; flushing them to zero changes nothing that matters
         torch.set_flush_denormal(True)
@@ -264,7 +265,7 @@ class Trainer:
             self.model = checkpoint.load(self.out / "checkpoint")
             state = torch.load(state_path, weights_only=False)
         else:
-            self.model = build_model(cfg)
+            self.model = model if model is not None else build_model(cfg)
         if self.model.config.vocab_size < data_vocab:
             raise UserError(f"data vocabulary ({data_vocab}) exceeds the model's ({self.model.config.vocab_size})")
         self.lora = lora
