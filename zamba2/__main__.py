@@ -231,12 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     g.add_argument("--int8", action="store_true",
-                   help="int8 weight-only matmuls on CPU: about 2x faster decode, 1/4 of the matmul weight memory")
+                   help="int8 weight-only matmuls on CPU: faster decode (bench/quant.py measures it), 1/4 of the "
+                        "matmul weight memory")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="prepare a bundled corpus, train a small Zamba2 on CPU, evaluate and sample")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    d.add_argument("--steps", type=int, default=150, help="training steps (default 150, about 3 minutes on 2 cores)")
+    d.add_argument("--steps", type=int, default=150, help="training steps (default 150; the demo prints the time it took)")
     d.set_defaults(func=cmd_demo)
 
     pr = sub.add_parser("prepare", help="tokenize .txt / .jsonl files into token shards for training")
@@ -279,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: folder name)")
     s.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    s.add_argument("--int8", action="store_true", help="int8 weight-only matmuls on CPU (about 2x faster decode)")
+    s.add_argument("--int8", action="store_true", help="int8 weight-only matmuls on CPU (faster decode; bench/quant.py measures it)")
     # batching limits
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503 (default 256)")
