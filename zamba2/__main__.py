@@ -237,11 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="prepare a bundled corpus, train a small Zamba2 on CPU, evaluate and sample")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    d.add_argument("--steps", type=int, default=150, help="training steps (default 150; the demo prints the time it took)")
+    d.add_argument("--steps", type=int, default=150,
+                   help="training steps (default 150; the demo prints the time it took)")
     d.set_defaults(func=cmd_demo)
 
-    pr = sub.add_parser("prepare", help="tokenize .txt / .jsonl files into token shards for training")
-    pr.add_argument("inputs", nargs="+", help=".txt files (one document each) or .jsonl files (one per line)")
+    pr = sub.add_parser("prepare", help="tokenize .txt / .jsonl / .parquet files into token shards for training")
+    pr.add_argument("inputs", nargs="+", help=".txt files (one document each), .jsonl (one per line) or .parquet "
+                    "(one per row), optionally .gz / .zst")
     pr.add_argument("--out", required=True, help="output data folder")
     pr.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model (default Mistral v0.1)")
     pr.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
@@ -280,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: folder name)")
     s.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    s.add_argument("--int8", action="store_true", help="int8 weight-only matmuls on CPU (faster decode; bench/quant.py measures it)")
+    s.add_argument("--int8", action="store_true",
+                   help="int8 weight-only matmuls on CPU (faster decode; bench/quant.py measures it)")
     # batching limits
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503 (default 256)")
@@ -291,9 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity, or lm-evaluation-harness tasks on the model")
     esub = e.add_subparsers(dest="what", required=True)
-    ep = esub.add_parser("perplexity", help="sliding-window token perplexity of .txt / .jsonl documents")
+    ep = esub.add_parser("perplexity", help="sliding-window token perplexity of .txt / .jsonl / .parquet documents")
     ep.add_argument("--model", required=True, help="checkpoint folder")
-    ep.add_argument("--data", required=True, nargs="+", help=".txt files (one document each) or .jsonl files")
+    ep.add_argument("--data", required=True, nargs="+",
+                    help=".txt (one document each), .jsonl or .parquet files, optionally .gz / .zst")
     ep.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
     ep.add_argument("--window", type=int, default=None, help="tokens per forward (default: the context length)")
     ep.add_argument("--stride", type=int, default=None, help="tokens a window advances (default window / 2)")

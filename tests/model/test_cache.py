@@ -51,7 +51,7 @@ def test_append_right_aligns_used_slots_and_trim_drops_unused_ones():
     short.write_kv(layer, 0, kv(short, 2, 2.0), kv(short, 2, 2.0))
     long.append(short)
     assert long.batch_size == 2 and long.length == 5 and long.positions.tolist() == [5, 2]
-    assert long.valid[:, :5].tolist() == [[True] * 5, [False] * 3 + [True] * 2]  # the short row ends where the long one does
+    assert long.valid[:, :5].tolist() == [[True] * 5, [False] * 3 + [True] * 2]  # both rows end at slot 5
     assert long.keys[layer][1, 0, 3:5, 0].tolist() == [2.0, 2.0]
     long.select(torch.tensor([1]))  # the long row leaves: its leading slots are now unused
     long.trim()

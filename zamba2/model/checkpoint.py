@@ -70,7 +70,8 @@ def _pattern(template: str) -> re.Pattern:
 _PATTERNS = [(_pattern(src), dst) for src, dst in HF_KEYS.items()]
 # saving: the non-legacy rows, right to left; a Mamba weight has two rows (plain layer, hybrid layer's mamba_decoder)
 _DECODER = {dst for src, dst in HF_KEYS.items() if ".mamba_decoder." in src}
-_INVERSE = [(src, _pattern(dst), dst in _DECODER) for src, dst in HF_KEYS.items() if not src.startswith(LEGACY_PREFIXES)]
+_INVERSE = [(src, _pattern(dst), dst in _DECODER) for src, dst in HF_KEYS.items()
+            if not src.startswith(LEGACY_PREFIXES)]
 
 
 class CheckpointError(UserError):
