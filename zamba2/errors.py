@@ -11,6 +11,7 @@ import difflib
 import math
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import fields
 
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit integers, as in OpenAI's API
@@ -33,6 +34,15 @@ def read_toml(path, missing: str | None = None) -> dict:
     import tomllib
 
     return _read_config(path, tomllib.loads, tomllib.TOMLDecodeError, "invalid TOML", missing)
+
+
+@contextmanager
+def naming(path):
+    """A UserError raised inside names the file the bad value came from: `with naming(path): cfg = ...`."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 def _read_config(path, parse, syntax_error, problem: str, missing: str | None):

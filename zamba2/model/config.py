@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from ..errors import UserError, check_keys, check_range, check_types, read_json
+from ..errors import UserError, check_keys, check_range, check_types, naming, read_json
 
 # old Zyphra / transformers key -> our (current config.json) key
 LEGACY_KEYS = {
@@ -211,10 +211,8 @@ class Config:
             raise UserError(f"{path}: expected a JSON object")
         if d.get("model_type", "zamba2") != "zamba2":
             raise UserError(f"{path}: model_type is {d['model_type']!r}, expected 'zamba2'")
-        try:
+        with naming(path):
             return cls.from_dict(d)
-        except UserError as e:  # name the file the bad value came from
-            raise UserError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -31,7 +31,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from ..errors import UserError, read_toml
+from ..errors import UserError, naming, read_toml
 from .classify import ClassifyConfig
 from .dedup import MODES
 from .filters import FilterConfig
@@ -167,10 +167,8 @@ class PipelineConfig:
             paths = s.get("paths", [])
             paths = [paths] if isinstance(paths, str) else paths  # one glob may be given as a string
             s["paths"] = [str(base / p) if isinstance(p, str) else p for p in paths]
-        try:
+        with naming(path):
             return cls.from_dict(d)
-        except UserError as e:  # name the file the bad value came from
-            raise UserError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError, check_choice, check_keys, check_range, check_types, device, read_toml
+from ..errors import UserError, check_choice, check_keys, check_range, check_types, device, naming, read_toml
 from ..model import checkpoint
 from . import parallel
 from ..model.config import PRESETS, Config, preset
@@ -111,10 +111,8 @@ class TrainConfig:
             raise UserError(f"{path}: unknown table(s) {sorted(d)}; expected [train] and optionally [model]")
         if model:
             train["model_overrides"] = model
-        try:
+        with naming(path):
             return cls.from_dict({**train, **{k: v for k, v in overrides.items() if v is not None}})
-        except UserError as e:  # name the file the bad value came from
-            raise UserError(f"{path}: {e}") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
