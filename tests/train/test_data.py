@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from zamba2.train.data import IGNORE, MixedLoader, PackedLoader, TokenData, prepare
+from zamba2.model.score import IGNORE
+from zamba2.train.data import MixedLoader, PackedLoader, TokenData, prepare
 
 
 class Letters:

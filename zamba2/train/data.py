@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, read_json
-from ..model.score import IGNORE  # noqa: F401 (re-exported: the loaders' label for an unscored position)
+from ..model.score import IGNORE
 from ..text.tokenizer import Tokenizer
 
 

@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..model.score import token_logprobs
+from ..model.score import IGNORE, token_logprobs
 from ..text.chat import ChatTemplateError
 from ..text.read import parse_lines
 from ..text.tokenizer import Tokenizer, load_tokenizer
-from .data import IGNORE
 from .sft import ROLES, ChatLoader, chat_template, encode_conversation, shuffle_split
 
 

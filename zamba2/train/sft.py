@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..text.chat import BUILTIN_TEMPLATE, ChatTemplate, ChatTemplateError, chat_template  # noqa: F401 (re-exported)
+from ..model.score import IGNORE
+from ..text.chat import ChatTemplate, ChatTemplateError, chat_template
 from ..text.read import parse_lines
 from ..text.tokenizer import Tokenizer
-from .data import IGNORE
 
 ROLES = ("system", "user", "assistant")
 

@@ -30,8 +30,8 @@ from ..errors import UserError, check_choice, check_keys, check_range, check_typ
 from ..model import checkpoint
 from . import parallel
 from ..model.config import PRESETS, Config, preset
-from ..model.score import token_logprobs
-from .data import IGNORE, MixedLoader, PackedLoader, TokenData
+from ..model.score import IGNORE, token_logprobs
+from .data import MixedLoader, PackedLoader, TokenData
 from ..model.zamba2 import Zamba2LM
 from ..ops.hardware import fast_bf16
 
