@@ -25,12 +25,10 @@ def utf8_text(s: str) -> str:
 def cmd_generate(args) -> None:
     import torch
 
-    from . import load, load_tokenizer, quantize_int8, stream
+    from .infer.generate import stream
+    from .infer.load import load_for_inference
 
-    model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    if args.int8:
-        quantize_int8(model)
-    tok = load_tokenizer(args.model, model.config.vocab_size)
+    model, tok = load_for_inference(args.model, args.dtype, args.device, args.int8)
     ids = tok.encode(args.prompt)
     push = tok.stream_decoder()
     for i in ids:  # feed the prompt so the continuation decodes in context (leading spaces, split characters)
@@ -46,7 +44,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from .train.data import prepare, read_documents
+    from .text.read import read_documents
+    from .train.data import prepare
     from .text.tokenizer import Tokenizer, load_tokenizer
 
     tok = Tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer()
@@ -116,7 +115,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .serve.app import Limits, serve
+    from .serve.app import serve
+    from .serve.server import Limits
 
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_n=args.max_n,
                     max_body_bytes=args.max_body_bytes)
@@ -124,15 +124,12 @@ def cmd_serve(args) -> None:
 
 
 def cmd_eval_perplexity(args) -> None:
-    import torch
-
-    from . import load, load_tokenizer
-    from .train.data import read_documents
     from .eval.perplexity import perplexity
+    from .infer.load import load_for_inference
+    from .text.read import read_documents
 
-    model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    model, tok = load_for_inference(args.model, args.dtype, args.device)
     stats: dict = {}
-    tok = load_tokenizer(args.model, model.config.vocab_size)
     r = perplexity(model, tok, read_documents(args.data, args.text_key, stats), args.window, args.stride)
     print(f"perplexity {r['perplexity']:.3f} ({r['nll_per_token']:.4f} nats/token) over {r['tokens']:,} tokens in "
           f"{r['documents']:,} documents; window {r['window']}, stride {r['stride']}"
@@ -234,16 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     g.add_argument("--int8", action="store_true",
-                   help="int8 weight-only matmuls on CPU: about 2x faster decode, 1/4 of the matmul weight memory")
+                   help="int8 weight-only matmuls on CPU: faster decode (bench/quant.py measures it), 1/4 of the "
+                        "matmul weight memory")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="prepare a bundled corpus, train a small Zamba2 on CPU, evaluate and sample")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    d.add_argument("--steps", type=int, default=150, help="training steps (default 150, about 3 minutes on 2 cores)")
+    d.add_argument("--steps", type=int, default=150,
+                   help="training steps (default 150; the demo prints the time it took)")
     d.set_defaults(func=cmd_demo)
 
-    pr = sub.add_parser("prepare", help="tokenize .txt / .jsonl files into token shards for training")
-    pr.add_argument("inputs", nargs="+", help=".txt files (one document each) or .jsonl files (one per line)")
+    pr = sub.add_parser("prepare", help="tokenize .txt / .jsonl / .parquet files into token shards for training")
+    pr.add_argument("inputs", nargs="+", help=".txt files (one document each), .jsonl (one per line) or .parquet "
+                    "(one per row), optionally .gz / .zst")
     pr.add_argument("--out", required=True, help="output data folder")
     pr.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model (default Mistral v0.1)")
     pr.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: folder name)")
     s.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    s.add_argument("--int8", action="store_true", help="int8 weight-only matmuls on CPU (about 2x faster decode)")
+    s.add_argument("--int8", action="store_true",
+                   help="int8 weight-only matmuls on CPU (faster decode; bench/quant.py measures it)")
     # batching limits
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503 (default 256)")
@@ -293,9 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity, or lm-evaluation-harness tasks on the model")
     esub = e.add_subparsers(dest="what", required=True)
-    ep = esub.add_parser("perplexity", help="sliding-window token perplexity of .txt / .jsonl documents")
+    ep = esub.add_parser("perplexity", help="sliding-window token perplexity of .txt / .jsonl / .parquet documents")
     ep.add_argument("--model", required=True, help="checkpoint folder")
-    ep.add_argument("--data", required=True, nargs="+", help=".txt files (one document each) or .jsonl files")
+    ep.add_argument("--data", required=True, nargs="+",
+                    help=".txt (one document each), .jsonl or .parquet files, optionally .gz / .zst")
     ep.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
     ep.add_argument("--window", type=int, default=None, help="tokens per forward (default: the context length)")
     ep.add_argument("--stride", type=int, default=None, help="tokens a window advances (default window / 2)")

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from .model.checkpoint import load
-from .train.data import IGNORE, prepare
+from .model.score import IGNORE
+from .train.data import prepare
 from .infer.generate import generate
 from .text.tokenizer import load_tokenizer
 from .train.trainer import Trainer, TrainConfig, evaluate

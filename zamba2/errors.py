@@ -11,6 +11,7 @@ import difflib
 import math
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import fields
 
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit integers, as in OpenAI's API
@@ -20,14 +21,45 @@ class UserError(ValueError):
     """Bad input: the CLI shows the message (no traceback) and exits 2; a ValueError for library callers."""
 
 
-def read_json(path):
-    """The JSON in file `path` (a Path); malformed JSON is a UserError naming the file."""
+def read_json(path, missing: str | None = None):
+    """The JSON in file `path`: malformed JSON is a UserError naming the file; a missing file a
+    FileNotFoundError saying `missing` (default: the OS's message)."""
     import json
 
+    return _read_config(path, json.loads, json.JSONDecodeError, "not valid JSON", missing)
+
+
+def read_toml(path, missing: str | None = None) -> dict:
+    """The TOML in file `path`, with read_json's errors."""
+    import tomllib
+
+    return _read_config(path, tomllib.loads, tomllib.TOMLDecodeError, "invalid TOML", missing)
+
+
+@contextmanager
+def naming(path):
+    """A UserError raised inside names the file the bad value came from: `with naming(path): cfg = ...`."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        yield
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _read_config(path, parse, syntax_error, problem: str, missing: str | None):
+    """The one way a config file is read: config.json, run.toml, pipeline.toml, meta.json, tokenizer_config.json."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing is None:
+            raise
+        raise FileNotFoundError(missing) from None
+    try:
+        return parse(text)
+    except syntax_error as e:
+        raise UserError(f"{path}: {problem} ({e})") from None
 
 
 def _accepts(kind, value) -> bool:

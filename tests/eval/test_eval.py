@@ -29,7 +29,7 @@ PAIRS = [("The capital of France is", " Paris"), ("Two plus two makes", " four, 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("eval") / "ckpt"
-    random_model(zamba2.tiny(vocab_size=32000, max_position_embeddings=256)).save(path)
+    zamba2.save(random_model(zamba2.tiny(vocab_size=32000, max_position_embeddings=256)), path)
     return path
 
 

@@ -94,7 +94,7 @@ def test_int8_weights_generate_close_to_float():
     for t in range(4):
         assert torch.equal(q(out[:, :24 + t])[:, -1].argmax(-1), out[:, 24 + t])
     with pytest.raises(ValueError, match="quantized"):
-        q.save("never-written")
+        zamba2.save(q, "never-written")
 
 
 def test_prompt_longer_than_context_is_an_error():

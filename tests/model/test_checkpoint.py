@@ -13,7 +13,7 @@ from zamba2.model.checkpoint import CheckpointError, hf_to_native, native_to_hf
 
 def saved(tmp_path, model=None):
     model = model or random_model()
-    model.save(tmp_path / "ckpt")
+    zamba2.save(model, tmp_path / "ckpt")
     return model, tmp_path / "ckpt"
 
 
@@ -153,6 +153,6 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(zamba2.model.checkpoint, "save_file", disk_full)
     with pytest.raises(ValueError, match="no space left on device while saving .*ckpt; the previous checkpoint is"):
-        random_model(seed=1).save(path)
+        zamba2.save(random_model(seed=1), path)
     assert (path / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no half-written folder left behind

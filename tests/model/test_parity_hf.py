@@ -92,7 +92,7 @@ def test_left_padding_matches(pair):
 
 def test_our_save_loads_in_transformers(pair, tmp_path):
     _, ours, _ = pair
-    ours.save(tmp_path / "ours")
+    zamba2.save(ours, tmp_path / "ours")
     hf2 = transformers.Zamba2ForCausalLM.from_pretrained(tmp_path / "ours").eval()
     ids = torch.randint(0, 256, (2, 30))
     with torch.no_grad():

@@ -27,7 +27,7 @@ NAME = "tiny-zamba2"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / "ckpt"
-    random_model(zamba2.tiny(vocab_size=32000, max_position_embeddings=256)).save(path)  # Mistral vocabulary
+    zamba2.save(random_model(zamba2.tiny(vocab_size=32000, max_position_embeddings=256)), path)  # Mistral vocabulary
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                             "chat_template": TEMPLATE}))
     return path
@@ -192,7 +192,8 @@ def test_bad_requests_get_openai_errors_and_the_server_lives(server):
 def test_chat_without_a_template_is_a_clear_error(checkpoint, local, tmp_path):
     from fastapi.testclient import TestClient
 
-    from zamba2.serve.app import Server, create_app
+    from zamba2.serve.app import create_app
+    from zamba2.serve.server import Server
 
     server = Server(local[0], local[1], tmp_path, NAME)  # tmp_path: no tokenizer_config.json
     with TestClient(create_app(server)) as http:
@@ -206,7 +207,8 @@ def test_prompts_are_tokenized_off_the_event_loop(local, checkpoint, monkeypatch
 
     from fastapi.testclient import TestClient
 
-    from zamba2.serve.app import Server, create_app
+    from zamba2.serve.app import create_app
+    from zamba2.serve.server import Server
 
     server = Server(local[0], local[1], checkpoint, NAME)
     on_loop, encode = [], server.codec.encode

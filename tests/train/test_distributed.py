@@ -112,7 +112,7 @@ def test_lora_finetune_under_two_processes_equals_one(tmp_path):
 
     from zamba2.__main__ import main
 
-    random_model(**TINY).save(tmp_path / "base")
+    zamba2.save(random_model(**TINY), tmp_path / "base")
     rows = [{"messages": [{"role": "user", "content": f"What is {i % 7} plus {i % 5}?"},
                           {"role": "assistant", "content": f"It is {i % 7 + i % 5}."}]} for i in range(24)]
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")

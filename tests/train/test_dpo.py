@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
     from conftest import random_model
 
-    random_model(**TINY).save(root / "base")
+    zamba2.save(random_model(**TINY), root / "base")
     lines = [json.dumps(pair(i)) for i in range(24)]
     lines.append(json.dumps({"prompt": [{"role": "user", "content": "Hi"}],  # chat form, shared prefix
                              "chosen": [{"role": "assistant", "content": "Hello!"}],

@@ -7,9 +7,9 @@ import torch
 
 import zamba2
 from zamba2.__main__ import build_parser, finetune_config, main
-from zamba2.train.data import IGNORE
-from zamba2.train.sft import (BUILTIN_TEMPLATE, chat_loaders, chat_template, encode_conversation, pack,
-                        read_conversations, render_segments)
+from zamba2.model.score import IGNORE
+from zamba2.text.chat import BUILTIN_TEMPLATE, chat_template
+from zamba2.train.sft import chat_loaders, encode_conversation, pack, read_conversations, render_segments
 from zamba2.train.trainer import Trainer
 
 TINY = dict(vocab_size=32000, max_position_embeddings=512)
@@ -96,7 +96,7 @@ def chat_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     from conftest import random_model
 
-    random_model(**TINY).save(root / "base")
+    zamba2.save(random_model(**TINY), root / "base")
     (root / "chat.jsonl").write_text("\n".join(json.dumps(conversation(i)) for i in range(40)) + "\n{bad\n")
     return root
 

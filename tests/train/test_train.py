@@ -9,7 +9,9 @@ import torch
 import zamba2
 from zamba2.__main__ import main
 from zamba2.train import trainer as trainer_module
-from zamba2.train.data import IGNORE, PackedLoader, TokenData, prepare, read_documents
+from zamba2.text.read import read_documents
+from zamba2.model.score import IGNORE
+from zamba2.train.data import PackedLoader, TokenData, prepare
 from zamba2.train.trainer import NO_DECAY, Trainer, TrainConfig, learning_rate, param_groups
 
 TINY = dict(vocab_size=32000, max_position_embeddings=512)

@@ -22,9 +22,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..errors import UserError
-from ..model.checkpoint import load
 from ..infer.generate import stream
-from ..text.tokenizer import load_tokenizer
+from ..infer.load import load_for_inference
+from ..model.score import token_logprobs
 
 
 @register_model("zamba2")
@@ -37,9 +37,8 @@ class Zamba2Harness(TemplateLM):
         device = device or "cpu"
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line asks for cuda by default; its HF model falls back the same way
-        self.model = load(pretrained, dtype=getattr(torch, dtype), device=device)
+        self.model, self.tok = load_for_inference(pretrained, dtype, device)
         cfg = self.model.config
-        self.tok = load_tokenizer(pretrained, cfg.vocab_size)
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)  # no memory probing
         self.max_length = int(max_length or cfg.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)
@@ -78,11 +77,11 @@ class Zamba2Harness(TemplateLM):
             ids = torch.tensor([[self.pad] * (t - len(x)) + x for x in inputs], device=self.model.device)  # [b, t]
             mask = torch.tensor([[0] * (t - len(x)) + [1] * len(x) for x in inputs], device=self.model.device)
             keep = max(map(len, conts))
-            logprobs = self.model(ids, attention_mask=mask, logits_to_keep=keep).float().log_softmax(-1)  # [b, keep, V]
+            logits = self.model(ids, attention_mask=mask, logits_to_keep=keep)  # [b, keep, V]
             for row, (i, cont) in enumerate(zip(batch, conts)):
-                lp = logprobs[row, keep - len(cont):]  # [len(cont), vocab]: the rows predicting the continuation
-                target = torch.tensor(cont, device=lp.device)
-                answer = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+                rows = logits[row, keep - len(cont):]  # [len(cont), vocab]: the rows predicting the continuation
+                target = torch.tensor(cont, device=rows.device)
+                answer = (float(token_logprobs(rows, target).sum()), bool((rows.argmax(-1) == target).all()))
                 results[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)

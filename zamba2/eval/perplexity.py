@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from ..errors import UserError
+from ..model.score import token_logprobs
 from ..model.zamba2 import Zamba2LM
 from ..text.tokenizer import Tokenizer
 
@@ -30,8 +31,8 @@ def document_nll(model: Zamba2LM, ids: list[int], window: int, stride: int) -> t
         new = end - scored  # the tokens of ids[start:end] that no earlier window scored
         chunk = torch.tensor([ids[start:end]], device=model.device)  # [1, w]
         logits = model(chunk, logits_to_keep=new + 1)[0, :-1]  # [new, vocab]; row j predicts the j-th new token
-        targets = chunk[0, -new:, None]  # [new, 1]
-        total -= float(logits.float().log_softmax(-1).gather(1, targets).sum())
+        targets = chunk[0, -new:]  # [new]
+        total -= float(token_logprobs(logits, targets).sum())
         scored, start = end, start + stride
     return total, len(ids) - 1
 

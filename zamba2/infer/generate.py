@@ -13,7 +13,8 @@ from . import graphs
 from ..model.zamba2 import Zamba2LM
 
 # prompt tokens per prefill forward: matmuls of 512 rows run at full speed while the activations of a piece
-# stay near the cache (a 2048-token prompt in 4 pieces ran 1.2x faster than in one forward on `small`)
+# stay near the cache (a 2048-token prompt in 4 pieces ran 1.2x faster than in one forward on `small`;
+# `python bench/compare.py` measures prefill in these pieces)
 PREFILL_CHUNK = 512
 GPU_PREFILL_CHUNK = 4096  # on a GPU each piece costs ~60 kernel launches per layer: fewer, longer pieces
 

@@ -4,7 +4,8 @@ A folder holds config.json and the weights: model.safetensors, or shards listed 
 model.safetensors.index.json (pytorch_model*.bin is read too, for re-saved fine-tunes). Tensors are
 read only from the files the index names, never by globbing.
 
-The key map is the literal table HF_KEYS. Placeholders: {i} layer, {j} hybrid visit (0-based position
+The key map is the literal table HF_KEYS, read left to right to load (hf_to_native) and right to
+left to save (native_to_hf). Placeholders: {i} layer, {j} hybrid visit (0-based position
 among the hybrid layers), {b} shared block, {w} the rest of the name. On the right, {J} is the layer
 of visit j and {B} the shared block used at layer i. The first matching row wins.
 
@@ -59,9 +60,18 @@ HF_KEYS = {
 }
 LEGACY_PREFIXES = ("model.blocks.", "model.mamba_layers.", "model.linear_layers.")
 _SLOTS = {"i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "b": r"(?P<b>\d+)", "qkv": r"(?P<qkv>[qkv])",
-          "ab": r"(?P<ab>[01])", "w": r"(?P<w>.+)"}
-_PATTERNS = [(re.compile(re.escape(src).replace(r"\{", "{").replace(r"\}", "}").format(**_SLOTS) + "$"), dst)
-             for src, dst in HF_KEYS.items()]
+          "ab": r"(?P<ab>[01])", "w": r"(?P<w>.+)", "J": r"(?P<J>\d+)", "B": r"(?P<B>\d+)"}
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{", "{").replace(r"\}", "}").format(**_SLOTS) + "$")
+
+
+_PATTERNS = [(_pattern(src), dst) for src, dst in HF_KEYS.items()]
+# saving: the non-legacy rows, right to left; a Mamba weight has two rows (plain layer, hybrid layer's mamba_decoder)
+_DECODER = {dst for src, dst in HF_KEYS.items() if ".mamba_decoder." in src}
+_INVERSE = [(src, _pattern(dst), dst in _DECODER) for src, dst in HF_KEYS.items()
+            if not src.startswith(LEGACY_PREFIXES)]
 
 
 class CheckpointError(UserError):
@@ -91,27 +101,27 @@ def hf_to_native(key: str, cfg: Config) -> str | None:
 
 
 def native_to_hf(key: str, cfg: Config) -> str:
-    """Checkpoint key (transformers layout, shared weights stored once under their source layer)."""
+    """Checkpoint key for our parameter name: the inverse of hf_to_native through the same table (the first
+    non-legacy row whose right side matches). Shared weights are written once, under their source layer (the
+    first hybrid layer using the block); a hybrid layer's own Mamba weights go under mamba_decoder, as
+    transformers writes them, a Mamba layer's straight under the layer."""
     hybrid = cfg.hybrid_layer_ids
-    parts = key.split(".")
-    if parts[0] in ("embed_tokens", "final_layernorm"):
-        return "model." + key
-    if parts[0] == "lm_head":
-        return key
-    if parts[0] == "shared_blocks":
-        return f"model.layers.{hybrid[int(parts[1])]}.shared_transformer." + ".".join(parts[2:])
-    i, rest = int(parts[1]), ".".join(parts[2:])
-    if i not in hybrid:
-        return f"model.layers.{i}.{rest}"
-    j = hybrid.index(i)
-    source = f"model.layers.{hybrid[j % cfg.num_mem_blocks]}.shared_transformer"
-    if rest == "linear.weight":
-        return f"model.layers.{i}.linear.weight"
-    if parts[2] in ("q_adapter", "k_adapter", "v_adapter"):
-        return f"{source}.self_attn.linear_{parts[2][0]}_adapter_list.{j}.{parts[3]}.weight"
-    if parts[2] == "mlp_adapter":
-        return f"{source}.feed_forward.gate_up_proj_adapter_list.{j}.{parts[3]}.weight"
-    return f"model.layers.{i}.mamba_decoder.{rest}"
+    for src, pattern, by_layer_kind in _INVERSE:
+        m = pattern.match(key)
+        if not m:
+            continue
+        g = m.groupdict()
+        if "J" in g:  # visit j of a hybrid layer: its adapters live under the source layer of its block
+            if int(g["J"]) not in hybrid:
+                continue
+            g["j"] = hybrid.index(int(g["J"]))
+            g["i"] = hybrid[g["j"] % cfg.num_mem_blocks]
+        elif "B" in g:
+            g["i"] = hybrid[int(g["B"])]
+        elif by_layer_kind and (int(g["i"]) in hybrid) != (".mamba_decoder." in src):
+            continue
+        return src.format(**g)
+    raise KeyError(f"{key}: no row of HF_KEYS writes this parameter")
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

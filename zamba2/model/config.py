@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from ..errors import UserError, check_keys, check_range, check_types
+from ..errors import UserError, check_keys, check_range, check_types, naming, read_json
 
 # old Zyphra / transformers key -> our (current config.json) key
 LEGACY_KEYS = {
@@ -206,20 +206,13 @@ class Config:
     @classmethod
     def from_json(cls, path: str | Path) -> "Config":
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+        d = read_json(path, f"no config.json at {path}")
         if not isinstance(d, dict):
             raise UserError(f"{path}: expected a JSON object")
         if d.get("model_type", "zamba2") != "zamba2":
             raise UserError(f"{path}: model_type is {d['model_type']!r}, expected 'zamba2'")
-        try:
+        with naming(path):
             return cls.from_dict(d)
-        except UserError as e:  # name the file the bad value came from
-            raise UserError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -309,12 +309,6 @@ class Zamba2LM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    def save(self, path) -> None:
-        """Write config.json + safetensors in the Hugging Face layout (see checkpoint.save)."""
-        from .checkpoint import save
-
-        save(self, path)
-
     def new_cache(self, batch_size: int, capacity: int = 0) -> HybridCache:
         return HybridCache(self.config, batch_size, self.device, self.dtype, capacity)
 

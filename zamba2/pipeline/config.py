@@ -28,11 +28,10 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, naming, read_toml
 from .classify import ClassifyConfig
 from .dedup import MODES
 from .filters import FilterConfig
@@ -136,10 +135,6 @@ class PipelineConfig:
         """Source names, best first: the listed ones, then the rest in declaration order."""
         return list(self.dedup.ranking) + [s.name for s in self.sources if s.name not in self.dedup.ranking]
 
-    @property
-    def num_workers(self) -> int:
-        return self.workers or os.cpu_count() or 1
-
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineConfig":
         d = dict(d)
@@ -161,12 +156,7 @@ class PipelineConfig:
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "PipelineConfig":
         path = Path(path)
-        try:
-            d = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such pipeline file: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{path}: {e}") from None
+        d = read_toml(path, f"no such pipeline file: {path}")
         d.update({k: v for k, v in overrides.items() if v is not None})
         base = path.parent  # relative paths in the file are relative to it
         d.setdefault("work", "work")
@@ -177,10 +167,8 @@ class PipelineConfig:
             paths = s.get("paths", [])
             paths = [paths] if isinstance(paths, str) else paths  # one glob may be given as a string
             s["paths"] = [str(base / p) if isinstance(p, str) else p for p in paths]
-        try:
+        with naming(path):
             return cls.from_dict(d)
-        except UserError as e:  # name the file the bad value came from
-            raise UserError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..infer.generate import prefill, sample
+from ..model.score import token_logprobs
 from ..model.zamba2 import Zamba2LM
 
 
@@ -204,12 +205,14 @@ class Engine:
     @staticmethod
     def _prompt_logprobs(req: Request, logits: Tensor) -> list:
         """logits [t, vocab] of the prompt -> per token (logprob, top k); the first token has no context."""
-        lp = logits[:-1].float().log_softmax(-1)  # [t-1, vocab]: row i predicts prompt token i+1
-        targets = torch.tensor(req.prompt[1:], device=lp.device)
-        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()  # [t-1]
+        targets = torch.tensor(req.prompt[1:], device=logits.device)
+        chosen = token_logprobs(logits[:-1], targets).tolist()  # [t-1]: row i predicts prompt token i+1
         k = req.logprobs or 0
-        values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())  # [t-1, k]
+        if not k:
+            return [None] + [(c, []) for c in chosen]
+        values, ids = logits[:-1].float().log_softmax(-1).topk(k, dim=-1)  # [t-1, k]
         return [None] + [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
 
 def _top(lp: Tensor, k: int) -> list[tuple[int, float]]:
     if k <= 0:

@@ -12,66 +12,16 @@ The target of a document's last token would be the next document's <s>: it is ma
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserError, read_json
+from ..model.score import IGNORE
 from ..text.tokenizer import Tokenizer
 
-IGNORE = -100
-
-
-def jsonl_text(line: str, text_key: str) -> str | None:
-    """The text of one JSONL line; None when the line is malformed (bad JSON, missing or non-string text)."""
-    try:
-        text = json.loads(line)[text_key]
-    except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-        return None
-    return text if isinstance(text, str) else None
-
-
-def decode_text(data: bytes) -> str | None:
-    """The text of a file's bytes; None when they are not text: a NUL byte (no text format has one; most
-    binary files do) or more than a tenth of the characters not UTF-8 (random bytes give about half). A few bad
-    bytes in a text are replaced, not fatal."""
-    if b"\0" in data:
-        return None
-    text = data.decode("utf-8", errors="replace")
-    return None if text.count("\ufffd") > len(text) // 10 else text
-
-
-def read_documents(paths: Iterable[str | Path], text_key: str = "text", stats: dict | None = None) -> Iterator[str]:
-    """Documents from .txt files (one per file) and .jsonl files (one per line, under `text_key`).
-
-    Any other name is read as a .txt file, so a binary file is refused rather than tokenized as text.
-    Broken JSONL lines (bad JSON, missing/non-string text) are skipped and counted in stats["bad_lines"].
-    """
-    stats = stats if stats is not None else {}
-    stats.setdefault("bad_lines", 0)
-    for path in map(Path, paths):
-        if not path.exists():
-            raise FileNotFoundError(f"no such input file: {path}")
-        if path.is_dir():
-            raise UserError(f"{path} is a directory; give the files in it (e.g. {path}/*.jsonl)")
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    text = jsonl_text(line, text_key)
-                    if text is None:
-                        stats["bad_lines"] += 1
-                        continue
-                    yield text
-        else:
-            text = decode_text(path.read_bytes())
-            if text is None:  # given by name, so an error rather than a skipped record
-                raise UserError(f"{path}: not a text file (NUL bytes or mostly invalid UTF-8); expected .txt (UTF-8) "
-                                "or .jsonl")
-            yield text
 
 
 def prepare(documents: Iterable[str], out: str | Path, tokenizer: Tokenizer,

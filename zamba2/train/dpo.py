@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .data import IGNORE
-from ..serve.protocol import APIError
-from .sft import ROLES, ChatLoader, chat_template, encode_conversation
+from ..model.score import IGNORE, token_logprobs
+from ..text.chat import ChatTemplateError
+from ..text.read import parse_lines
 from ..text.tokenizer import Tokenizer, load_tokenizer
+from .sft import ROLES, ChatLoader, chat_template, encode_conversation, shuffle_split
 
 
 def _messages(value, prompt: list[dict]) -> list[dict] | None:
@@ -67,31 +68,26 @@ def read_pairs(path: str | Path, tokenizer: Tokenizer, model_folder, max_len: in
         stats.setdefault(k, 0)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            pair = parse_pair(line)
-            if pair is None:
-                stats["bad_lines"] += 1
-                continue
-            if any(side[-1]["role"] != "assistant" for side in pair):
-                stats["no_assistant"] += 1
-                continue
-            try:
-                sides = [encode_conversation(template, side) for side in pair]
-            except APIError:  # the template refused the conversation (e.g. roles out of order)
-                stats["bad_lines"] += 1
-                continue
-            if any(len(ids) > max_len for ids, _ in sides):
-                stats["dropped"] += 1
-                continue
-            ids = np.full((2, max_len), pad, dtype=np.int64)
-            labels = np.full((2, max_len), IGNORE, dtype=np.int64)
-            for s, (tok, trained) in enumerate(sides):
-                ids[s, :len(tok)] = tok
-                labels[s, :len(tok) - 1] = np.where(trained[1:], tok[1:], IGNORE)  # position t predicts t+1
-            rows.append({"input_ids": ids, "labels": labels})
+    for pair in parse_lines(path, parse_pair, stats):  # malformed lines: None, counted in bad_lines
+        if pair is None:
+            continue
+        if any(side[-1]["role"] != "assistant" for side in pair):
+            stats["no_assistant"] += 1
+            continue
+        try:
+            sides = [encode_conversation(template, side) for side in pair]
+        except ChatTemplateError:  # the template refused the conversation (e.g. roles out of order)
+            stats["bad_lines"] += 1
+            continue
+        if any(len(ids) > max_len for ids, _ in sides):
+            stats["dropped"] += 1
+            continue
+        ids = np.full((2, max_len), pad, dtype=np.int64)
+        labels = np.full((2, max_len), IGNORE, dtype=np.int64)
+        for s, (tok, trained) in enumerate(sides):
+            ids[s, :len(tok)] = tok
+            labels[s, :len(tok) - 1] = np.where(trained[1:], tok[1:], IGNORE)  # position t predicts t+1
+        rows.append({"input_ids": ids, "labels": labels})
     stats["pairs"] = len(rows)
     if not rows:
         raise UserError(f"{path}: no usable pairs ({stats['bad_lines']} malformed lines, {stats['no_assistant']} "
@@ -103,8 +99,7 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, dtype: 
     """Summed log-probability of the labelled tokens of each row: [n, L] -> [n]."""
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
         logits = model(input_ids)
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return (logp * (labels != IGNORE)).sum(-1)
+    return token_logprobs(logits, labels).sum(-1)
 
 
 @torch.no_grad()
@@ -165,13 +160,12 @@ def dpo(cfg, beta: float = 0.1, lora=None, merge: bool = False, resume: bool = F
 
     folder = Path(cfg.model) if Path(cfg.model).is_dir() else None
     stats: dict = {}
-    rows = read_pairs(cfg.data, load_tokenizer(folder), folder, cfg.seq_len, stats)
-    reference = build_model(cfg)  # the starting model, as the Trainer builds it
-    add_reference(rows, reference, compute_dtype(cfg.dtype, reference.device))
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))
-    rows = [rows[i] for i in order]
-    n_val = round(cfg.val_fraction * len(rows)) if len(rows) > 1 else 0
-    vocab = load_tokenizer(folder).vocab_size
-    train = PairLoader(rows[:len(rows) - n_val], cfg.batch_size, vocab)
-    val = PairLoader(rows[len(rows) - n_val:], cfg.batch_size, vocab) if n_val else None
-    return finetune(cfg, lora, merge, resume, loaders=(train, val), objective=DPOObjective(beta), stats=stats)
+    tokenizer = load_tokenizer(folder)
+    rows = read_pairs(cfg.data, tokenizer, folder, cfg.seq_len, stats)
+    model = build_model(cfg)  # the starting model: first the frozen reference, then (same weights) the policy
+    add_reference(rows, model, compute_dtype(cfg.dtype, model.device))
+    train, val = shuffle_split(rows, cfg.val_fraction, cfg.seed)
+    loaders = (PairLoader(train, cfg.batch_size, tokenizer.vocab_size),
+               PairLoader(val, cfg.batch_size, tokenizer.vocab_size) if val else None)
+    return finetune(cfg, lora, merge, resume, loaders=loaders, objective=DPOObjective(beta), stats=stats,
+                    model=None if resume else model)

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import parallel
+from ..model.checkpoint import save
 from ..model.config import Config
 from .lora import LoRA, merge as merge_lora
 from ..model.zamba2 import Zamba2LM
-from ..serve.chat import read_tokenizer_config
-from .sft import BUILTIN_TEMPLATE, chat_loaders
+from ..text.chat import BUILTIN_TEMPLATE, read_tokenizer_config
+from .sft import chat_loaders
 from ..text.tokenizer import load_tokenizer
 from .trainer import Trainer, TrainConfig
 
@@ -42,10 +43,11 @@ def write_tokenizer_files(model: str | Path, dst: Path) -> None:
 
 def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, resume: bool = False,
              too_long: str = "truncate", loaders: tuple | None = None, objective=None,
-             stats: dict | None = None) -> dict:
+             stats: dict | None = None, model: Zamba2LM | None = None) -> dict:
     """SFT on the chat JSONL `cfg.data` starting from `cfg.model`; returns the data counts and output folder.
 
-    dpo.dpo passes its own `loaders` (preference pairs) and `objective` and reuses everything else."""
+    dpo.dpo passes its own `loaders` (preference pairs) and `objective`, and the starting `model` it has
+    already built for the reference log-probs, and reuses everything else."""
     if merge and lora is None:
         raise UserError("--merge needs LoRA (--lora-rank); a full fine-tune is already a plain checkpoint")
     model_dir = Path(cfg.model)
@@ -57,7 +59,7 @@ def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, re
         loaders = chat_loaders(cfg.data, model_dir if model_dir.is_dir() else None, tok, cfg.seq_len,
                                cfg.batch_size, cfg.val_fraction, too_long, cfg.seed, stats)
     try:
-        trainer = Trainer(cfg, resume=resume, loaders=loaders, lora=lora, objective=objective)
+        trainer = Trainer(cfg, resume=resume, loaders=loaders, lora=lora, objective=objective, model=model)
         stats["losses"] = trainer.run()
         out = Path(cfg.out) / "checkpoint"
         if lora is not None:
@@ -70,7 +72,7 @@ def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, re
                     model.load_state_dict(full)
             out = Path(cfg.out) / ("merged" if merge else "adapter")
             if trainer.rank == 0:
-                merge_lora(model).save(out) if merge else lora.save(model, out)
+                save(merge_lora(model), out) if merge else lora.save(model, out)
         if trainer.rank == 0:
             write_tokenizer_files(cfg.model, out)
     finally:

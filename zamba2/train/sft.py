@@ -1,6 +1,6 @@
 """Chat fine-tuning data: JSONL conversations -> rendered, tokenized, loss-masked, packed training rows.
 
-A conversation is rendered with the checkpoint's chat template (serve/chat.py, as transformers renders
+A conversation is rendered with the checkpoint's chat template (text/chat.py, as transformers renders
 it), or BUILTIN_TEMPLATE when tokenizer_config.json has none. The loss covers exactly the assistant
 turns: each turn's content plus the end-of-turn token that closes it. Spans are found by rendering the
 conversation prefix by prefix: render(messages[:i], generation prompt) is the text the model is given
@@ -21,28 +21,12 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .data import IGNORE
-from ..serve.chat import ChatTemplate, TextCodec, read_tokenizer_config
-from ..serve.protocol import APIError
+from ..model.score import IGNORE
+from ..text.chat import ChatTemplate, ChatTemplateError, chat_template
+from ..text.read import parse_lines
 from ..text.tokenizer import Tokenizer
 
-# Role-tagged turns, each closed by the eos token, after the BOS every pretraining document starts with.
-BUILTIN_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
 ROLES = ("system", "user", "assistant")
-
-
-def chat_template(folder: str | Path | None, tokenizer: Tokenizer) -> ChatTemplate:
-    """The checkpoint's template (tokenizer_config.json), else BUILTIN_TEMPLATE."""
-    cfg = read_tokenizer_config(folder)
-    codec = TextCodec(tokenizer, cfg)
-    if not cfg.get("chat_template"):
-        cfg = {**cfg, "chat_template": BUILTIN_TEMPLATE}
-    return ChatTemplate(cfg, codec)
 
 
 def parse_messages(line: str) -> list[dict] | None:
@@ -108,29 +92,24 @@ def read_conversations(path: str | Path, template: ChatTemplate, max_len: int, t
     for k in ("bad_lines", "no_assistant", "truncated", "dropped", "conversations"):
         stats.setdefault(k, 0)
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
+    for messages in parse_lines(path, parse_messages, stats):  # malformed lines: None, counted in bad_lines
+        if messages is None:
+            continue
+        if not any(m["role"] == "assistant" for m in messages):
+            stats["no_assistant"] += 1
+            continue
+        try:
+            ids, trained = encode_conversation(template, messages)
+        except ChatTemplateError:  # the template's raise_exception (e.g. roles out of order)
+            stats["bad_lines"] += 1
+            continue
+        if len(ids) > max_len:
+            if too_long == "drop" or not any(trained[1:max_len]):
+                stats["dropped"] += 1
                 continue
-            messages = parse_messages(line)
-            if messages is None:
-                stats["bad_lines"] += 1
-                continue
-            if not any(m["role"] == "assistant" for m in messages):
-                stats["no_assistant"] += 1
-                continue
-            try:
-                ids, trained = encode_conversation(template, messages)
-            except APIError:  # the template's raise_exception (e.g. roles out of order)
-                stats["bad_lines"] += 1
-                continue
-            if len(ids) > max_len:
-                if too_long == "drop" or not any(trained[1:max_len]):
-                    stats["dropped"] += 1
-                    continue
-                ids, trained = ids[:max_len], trained[:max_len]
-                stats["truncated"] += 1
-            out.append((ids, trained))
+            ids, trained = ids[:max_len], trained[:max_len]
+            stats["truncated"] += 1
+        out.append((ids, trained))
     stats["conversations"] = len(out)
     if not out:
         raise UserError(f"{path}: no usable conversations ({stats['bad_lines']} malformed lines, "
@@ -188,17 +167,21 @@ class ChatLoader:
         self.pos = state["pos"]
 
 
+def shuffle_split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded shuffle, then the last `val_fraction` held out (nothing of a single item)."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    items = [items[i] for i in order]
+    n_val = round(val_fraction * len(items)) if len(items) > 1 else 0
+    return items[:len(items) - n_val], items[len(items) - n_val:]
+
+
 def chat_loaders(path: str | Path, model_folder: str | Path | None, tokenizer: Tokenizer, seq_len: int,
                  batch_size: int, val_fraction: float = 0.05, too_long: str = "truncate", seed: int = 0,
                  stats: dict | None = None) -> tuple[ChatLoader, ChatLoader | None]:
     """Train and validation loaders over a chat JSONL file; the last `val_fraction` of conversations (after a
     seeded shuffle) is held out."""
     template = chat_template(model_folder, tokenizer)
-    convs = read_conversations(path, template, seq_len, too_long, stats)
-    order = np.random.default_rng(seed).permutation(len(convs))
-    convs = [convs[i] for i in order]
-    n_val = round(val_fraction * len(convs)) if len(convs) > 1 else 0
+    train, val = shuffle_split(read_conversations(path, template, seq_len, too_long, stats), val_fraction, seed)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    train = ChatLoader(pack(convs[:len(convs) - n_val], seq_len, pad), batch_size, tokenizer.vocab_size)
-    val = ChatLoader(pack(convs[len(convs) - n_val:], seq_len, pad), batch_size, tokenizer.vocab_size) if n_val else None
-    return train, val
+    return (ChatLoader(pack(train, seq_len, pad), batch_size, tokenizer.vocab_size),
+            ChatLoader(pack(val, seq_len, pad), batch_size, tokenizer.vocab_size) if val else None)

@@ -21,18 +21,17 @@ import math
 import os
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ..errors import UserError, check_choice, check_keys, check_range, check_types, device
+from ..errors import UserError, check_choice, check_keys, check_range, check_types, device, naming, read_toml
 from ..model import checkpoint
 from . import parallel
 from ..model.config import PRESETS, Config, preset
-from .data import IGNORE, MixedLoader, PackedLoader, TokenData
+from ..model.score import IGNORE, token_logprobs
+from .data import MixedLoader, PackedLoader, TokenData
 from ..model.zamba2 import Zamba2LM
 from ..ops.hardware import fast_bf16
 
@@ -105,22 +104,15 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
-        try:
-            d = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such run config: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{path}: invalid TOML ({e})") from None
+        d = read_toml(path, f"no such run config: {path}")
         # [train]: TrainConfig fields; [model]: Config fields changed on top of the preset
         train, model = d.pop("train", {}), d.pop("model", None)
         if d:
             raise UserError(f"{path}: unknown table(s) {sorted(d)}; expected [train] and optionally [model]")
         if model:
             train["model_overrides"] = model
-        try:
+        with naming(path):
             return cls.from_dict({**train, **{k: v for k, v in overrides.items() if v is not None}})
-        except UserError as e:  # name the file the bad value came from
-            raise UserError(f"{path}: {e}") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -191,8 +183,7 @@ def lm_loss(model: Zamba2LM, batch: dict, dtype: torch.dtype) -> torch.Tensor:
     """Cross-entropy summed over the batch's target tokens (callers divide by the global token count)."""
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
         logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    return -token_logprobs(logits, batch["labels"]).sum()
 
 
 def target_count(batch: dict) -> int:
@@ -235,10 +226,11 @@ class Trainer:
     """`loaders` (train, validation or None) replace the token shards of cfg.data: fine-tuning on chat rows
     (sft.ChatLoader). `lora` (a lora.LoRA) wraps the model's projections before training; only its adapter
     weights train, and checkpoints keep them in train_state.pt beside the base weights. `objective` is the
-    loss (default LMObjective; dpo.DPOObjective for preference pairs)."""
+    loss (default LMObjective; dpo.DPOObjective for preference pairs). `model` is the starting model when
+    the caller has built it already (dpo: the reference); by default build_model(cfg)."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, loaders: tuple | None = None, lora=None,
-                 objective=None):
+                 objective=None, model: Zamba2LM | None = None):
         # float32 subnormals (from strongly decayed SSM terms and tiny gradients) made CPU training
         # steps up to 20x slower in measurements; flushing them to zero changes nothing that matters
         torch.set_flush_denormal(True)
@@ -271,7 +263,7 @@ class Trainer:
             self.model = checkpoint.load(self.out / "checkpoint")
             state = torch.load(state_path, weights_only=False)
         else:
-            self.model = build_model(cfg)
+            self.model = model if model is not None else build_model(cfg)
         if self.model.config.vocab_size < data_vocab:
             raise UserError(f"data vocabulary ({data_vocab}) exceeds the model's ({self.model.config.vocab_size})")
         self.lora = lora

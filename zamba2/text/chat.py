@@ -1,10 +1,14 @@
-"""Text in and out of the server: special-token-aware encoding, token strings for logprobs, chat templates.
+"""Chat text: special-token-aware encoding, token strings for logprobs, chat templates.
 
 Chat templates are the Jinja2 strings of the checkpoint's tokenizer_config.json ("chat_template"), rendered
 the way transformers' `apply_chat_template` does (sandboxed, trim_blocks + lstrip_blocks, with
 `raise_exception`, `bos_token`, `eos_token` and `add_generation_prompt`). A rendered chat contains special
 tokens as text ("<s>", "</s>", ...), so `TextCodec.encode` maps those strings to their ids: SentencePiece
 would otherwise spell them out as ordinary characters.
+
+Used by training (sft.py, dpo.py) and serving alike, so a template problem is a `ChatTemplateError` (a
+UserError, hence a ValueError): the server turns it into its HTTP 400, training counts the line as bad.
+A checkpoint without a template gets BUILTIN_TEMPLATE for training (`chat_template`); the server has none.
 """
 
 from __future__ import annotations
@@ -14,8 +18,19 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import UserError, read_json
-from ..text.tokenizer import Tokenizer
-from .protocol import APIError
+from .tokenizer import Tokenizer
+
+# Role-tagged turns, each closed by the eos token, after the BOS every pretraining document starts with.
+BUILTIN_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+class ChatTemplateError(UserError):
+    """A chat that cannot be rendered: no template, or the template refused the messages (raise_exception)."""
 
 
 def _content(token) -> str | None:
@@ -82,18 +97,26 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, extra: dict | None = None) -> str:
         if self._compiled is None:
-            raise APIError("this model has no chat template (tokenizer_config.json has no 'chat_template'); "
-                           "use /v1/completions with a formatted prompt")
+            raise ChatTemplateError("this model has no chat template (tokenizer_config.json has no 'chat_template')")
         from jinja2 import TemplateError
 
         try:
             return self._compiled.render(**(extra or {}), messages=messages, add_generation_prompt=add_generation_prompt,
                                          bos_token=self.codec.bos_token, eos_token=self.codec.eos_token)
         except TemplateError as e:
-            raise APIError(f"the chat template rejected these messages: {e}") from None
+            raise ChatTemplateError(f"the chat template rejected these messages: {e}") from None
 
 
 def _raise(message: str):
     from jinja2 import TemplateError
 
     raise TemplateError(message)
+
+
+def chat_template(folder: str | Path | None, tokenizer: Tokenizer) -> ChatTemplate:
+    """The checkpoint's template (tokenizer_config.json), else BUILTIN_TEMPLATE (what fine-tuning trains with)."""
+    cfg = read_tokenizer_config(folder)
+    codec = TextCodec(tokenizer, cfg)
+    if not cfg.get("chat_template"):
+        cfg = {**cfg, "chat_template": BUILTIN_TEMPLATE}
+    return ChatTemplate(cfg, codec)

@@ -1,4 +1,5 @@
-"""Readers: every format and compression, malformed records counted and skipped, clear errors."""
+"""The one reader (text/read.py): every format and compression, malformed records counted and skipped, clear
+errors; the pipeline's chunks of it."""
 
 import gzip
 import json
@@ -8,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from zamba2.pipeline.read import chunks, expand, records
+from zamba2.pipeline.read import chunks
+from zamba2.text.read import expand, parse_lines, read_documents, records
 
 LINES = [json.dumps({"text": f"document {i}"}) for i in range(5)]
 BAD = ["not json", json.dumps({"other": "x"}), json.dumps({"text": 3}), "[1, 2]", ""]
@@ -76,3 +78,26 @@ def test_a_binary_txt_file_is_a_bad_record(tmp_path):
     (tmp_path / "a.txt").write_bytes(bytes(range(256)) * 8)
     stats = {}
     assert list(records(str(tmp_path / "a.txt"), stats=stats)) == [None] and stats["bad_lines"] == 1
+
+
+def test_read_documents_reads_what_the_pipeline_reads(tmp_path):
+    """`zamba2 prepare` and `eval perplexity` take compressed JSONL and Parquet too; a named binary file is an error."""
+    pq.write_table(pa.table({"text": ["from parquet", None]}), tmp_path / "a.parquet")
+    paths = [write(tmp_path / "a.jsonl.zst", LINES[:2] + ["bad"]), tmp_path / "a.parquet", tmp_path / "b.md"]
+    (tmp_path / "b.md").write_text("any other name is a text file")
+    stats = {}
+    assert list(read_documents(paths, stats=stats)) == ["document 0", "document 1", "from parquet",
+                                                         "any other name is a text file"]
+    assert stats["bad_lines"] == 2
+    (tmp_path / "random.bin").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match="random.bin: not a text file"):
+        list(read_documents([tmp_path / "random.bin"]))
+    with pytest.raises(FileNotFoundError, match="no such input file"):
+        list(read_documents([tmp_path / "missing.jsonl"]))
+
+
+def test_parse_lines_counts_and_yields_malformed_lines(tmp_path):
+    path = write(tmp_path / "a.jsonl.gz", ["1", "x", "", "3"])
+    stats = {}
+    parse = lambda line: int(line) if line.strip().isdigit() else None  # noqa: E731
+    assert list(parse_lines(path, parse, stats)) == [1, None, 3] and stats["bad_lines"] == 1

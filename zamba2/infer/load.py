@@ -1,0 +1,23 @@
+"""A checkpoint ready to run: weights, optional int8 matmuls and the tokenizer, loaded once for every entry
+point (`zamba2 generate`, `zamba2 serve`, `zamba2 eval`)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..model.checkpoint import load
+from ..model.zamba2 import Zamba2LM
+from ..text.tokenizer import Tokenizer, load_tokenizer
+from .quant import quantize_int8
+
+
+def load_for_inference(path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                       int8: bool = False) -> tuple[Zamba2LM, Tokenizer]:
+    """The model at `path` in `dtype` on `device` (int8 weight-only matmuls if asked) and its tokenizer,
+    refused when it has more tokens than the model's vocabulary (see load_tokenizer)."""
+    model = load(path, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, device=device)
+    if int8:
+        quantize_int8(model)
+    return model, load_tokenizer(path, model.config.vocab_size)
