@@ -417,7 +417,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         if not args.skip_hf:
-            model.save(tmp)
+            zamba2.save(model, tmp)
         if args.int8:
             zamba2.quantize_int8(model)
             elems["zamba2"] = 1  # the matmul weights; the float embedding is read one row per token

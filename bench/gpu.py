@@ -116,7 +116,7 @@ def main() -> None:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         with tempfile.TemporaryDirectory() as tmp:
-            model.save(tmp)
+            zamba2.save(model, tmp)
             del model
             hf = transformers.Zamba2ForCausalLM.from_pretrained(tmp, dtype=dtype).cuda().eval()
         hf.generation_config.eos_token_id = None

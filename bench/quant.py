@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import zamba2
-from zamba2.train.data import read_documents
+from zamba2.text.read import read_documents
 
 WINDOW = 512
 

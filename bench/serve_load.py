@@ -36,7 +36,7 @@ def main() -> None:
     model = args.model
     if model is None:
         model = f"{tmp.name}/model"
-        zamba2.Zamba2LM(zamba2.preset(args.preset, vocab_size=32000, max_position_embeddings=512)).save(model)
+        zamba2.save(zamba2.Zamba2LM(zamba2.preset(args.preset, vocab_size=32000, max_position_embeddings=512)), model)
     proc, url = start_server(model, "bench", "--max-batch", str(args.max_batch))
     http = httpx.Client(timeout=600)
     prompts = [f"Request {i}: the story of" + " a long road" * (i % 9) for i in range(args.requests)]

@@ -99,7 +99,7 @@ def main() -> None:
         from transformers import Zamba2ForCausalLM
 
         with tempfile.TemporaryDirectory() as tmp:
-            model.save(tmp)
+            zamba2.save(model, tmp)
             del model
             hf = Zamba2ForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
         results["transformers"] = step_seconds(lambda x: hf(x).logits, hf, ids, args.steps)
