@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError, check_sampling
-from . import graphs
 from ..model.zamba2 import Zamba2LM
+from ..ops import decode
+from ..ops.layers import FUSED_DTYPES
+from . import graphs
 
 # prompt tokens per prefill forward: matmuls of 512 rows run at full speed while the activations of a piece
 # stay near the cache (a 2048-token prompt in 4 pieces ran 1.2x faster than in one forward on `small`;
@@ -51,6 +53,18 @@ def prefill(model: Zamba2LM, input_ids: Tensor, cache, attention_mask: Tensor | 
         mask = attention_mask[:, :e] if attention_mask is not None else None
         out.append(model(input_ids[:, s:e], attention_mask=mask, cache=cache, logits_to_keep=logits_to_keep))
     return torch.cat(out, dim=1)
+
+
+def decode_step(model: Zamba2LM, tokens: Tensor, cache) -> Tensor:
+    """tokens [b] -> logits [b, vocab] of one cached decode step, the cache updated in place. The one place that
+    picks how a step runs: on the CPU the model's whole step as one compiled call (ops/decode.py), else the
+    model's forward (stream replays a CUDA graph instead on a GPU, graphs.py)."""
+    if model.dtype in FUSED_DTYPES and (dec := decode.compiled(model)) is not None:
+        rope = model.rope(cache.positions[:, None])  # forward's positions for one unpadded token
+        cos, sin = (r.view(len(tokens), -1) for r in rope) if rope is not None else (None, None)  # [b, hd]
+        start = cache.extend(None, 1)
+        return dec.step(tokens, cos, sin, start, cache.valid, cache.conv, cache.ssm, cache.keys, cache.values)
+    return model(tokens[:, None], cache=cache, logits_to_keep=1)[:, -1]
 
 
 @torch.inference_mode()
@@ -95,8 +109,7 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
             done |= torch.isin(token, eos)
             if bool(done.all()):
                 return
-            logits = (graph.step(token) if graph is not None
-                      else model(token[:, None], cache=cache, logits_to_keep=1)[:, -1])
+            logits = graph.step(token) if graph is not None else decode_step(model, token, cache)
 
 
 def generate(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..model.cache import HybridCache
 from ..ops.decode import ModuleTree
-from ..model.zamba2 import Context, Zamba2LM, rope_tables
+from ..model.zamba2 import Context, Zamba2LM
 
 ENABLED = os.environ.get("ZAMBA2_CUDA_GRAPHS", "1") != "0"
 KEEP = 4
@@ -55,8 +55,7 @@ def static_step(model: Zamba2LM, tokens: Tensor, slot: Tensor, cache: HybridCach
     for `length`, which stays the caller's (a graph cannot change a Python int)."""
     c = model.config
     cache.valid.index_fill_(1, slot, True)
-    rope = (rope_tables(cache.positions[:, None], c.attention_head_dim, c.effective_rope_theta, model.dtype)
-            if c.use_mem_rope else None)
+    rope = model.rope(cache.positions[:, None])
     cache.positions.add_(1)
     x = model.embed_tokens(tokens[:, None])  # [b,1,d]
     ctx = Context(embeddings=x, mask=None, attn_mask=cache.valid[:, None, None, :], causal=False, rope=rope,

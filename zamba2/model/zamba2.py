@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import decode, kernels
+from ..ops import kernels
 from ..ops.layers import FUSED_DTYPES, Linear, RMSNorm, linear
 from .cache import HybridCache
 from .config import Config
@@ -309,6 +309,11 @@ class Zamba2LM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(cos, sin) [b,1,t,hd] at positions [b,t] (forward, and the decode steps of infer/), or None without RoPE."""
+        c = self.config
+        return rope_tables(positions, c.attention_head_dim, c.effective_rope_theta, self.dtype) if c.use_mem_rope else None
+
     def new_cache(self, batch_size: int, capacity: int = 0) -> HybridCache:
         return HybridCache(self.config, batch_size, self.device, self.dtype, capacity)
 
@@ -353,12 +358,6 @@ class Zamba2LM(nn.Module):
         else:
             positions = offset + (mask.long().cumsum(1) - 1).clamp(min=0)
         start = cache.extend(mask, t) if cache is not None else 0
-        if (t == 1 and cache is not None and mask is None and self.dtype in FUSED_DTYPES
-                and (dec := decode.compiled(self)) is not None):  # decode on the CPU: one compiled call
-            cos, sin = ((r.view(b, -1) for r in rope_tables(positions, c.attention_head_dim, c.effective_rope_theta,
-                                                            self.dtype)) if c.use_mem_rope else (None, None))
-            return dec.step(input_ids[:, 0], cos, sin, start, cache.valid, cache.conv, cache.ssm, cache.keys,
-                            cache.values)[:, None]
         key_valid = cache.valid[:, :start + t] if cache is not None else mask
         attn_mask, causal = None, False
         if doc_ids is not None:
@@ -375,8 +374,7 @@ class Zamba2LM(nn.Module):
             causal = True
 
         x = self.embed_tokens(input_ids)  # [b,t,d]; no sqrt(d) scaling
-        rope = (rope_tables(positions, c.attention_head_dim, c.effective_rope_theta, x.dtype)
-                if c.use_mem_rope else None)
+        rope = self.rope(positions)
         ctx = Context(embeddings=x, mask=mask, attn_mask=attn_mask, causal=causal, rope=rope, cache=cache,
                       start=start, doc=doc_ids,
                       chunk_size=min(c.chunk_size, CPU_MAX_CHUNK) if x.device.type == "cpu" else c.chunk_size)

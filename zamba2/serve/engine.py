@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..infer.generate import prefill, sample
+from ..infer.generate import decode_step, prefill, sample
 from ..model.score import token_logprobs
 from ..model.zamba2 import Zamba2LM
 
@@ -168,8 +168,8 @@ class Engine:
         self._rows.append(row)
 
     def _step(self) -> None:
-        tokens = torch.tensor([[r.last] for r in self._rows], device=self.model.device)  # [rows, 1]
-        logits = self.model(tokens, cache=self._cache, logits_to_keep=1)[:, -1]  # [rows, vocab]
+        tokens = torch.tensor([r.last for r in self._rows], device=self.model.device)  # [rows]
+        logits = decode_step(self.model, tokens, self._cache)  # [rows, vocab]
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(self._rows))
         self._drop([not self._deliver(r, logits[i:i + 1]) for i, r in enumerate(self._rows)])
