@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 # bf16 instructions (AVX512-BF16; every CPU with AMX has them): torch's oneDNN then runs bf16 GEMMs natively,
-# with AMX at 3-4x its float32 rate (`python bench/compare.py --preset small --dtype bfloat16` prints both rates).
+# with AMX at 6-7x its float32 rate on the 2-core Sapphire Rapids Xeon (`python bench/compare.py --preset small
+# --dtype bfloat16` prints both rates).
 # Without them a bf16 GEMM is emulated, many times slower than float32.
 NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported()
 

@@ -43,7 +43,8 @@ def untracked(tensors, device_type: str) -> bool:
 
 # The one place that picks the instruction set: torch's own reading of the CPU (ATEN_CPU_CAPABILITY=avx2 forces
 # the AVX2 build on an AVX-512 CPU, as it forces torch's own kernels). AVX-512 doubles the float lanes of the
-# GEMV and the scan's tiles (common.h's Vec), which are compute-bound for several decode rows and in prefill.
+# GEMV and the scan's tiles (common.h's Vec); on the 2-core Sapphire Rapids Xeon its small decode ran within
+# the noise of the AVX2 build (bench/compare.py, alternating processes): both top out near 150 GFLOP/s there.
 ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"],
              "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]}
 

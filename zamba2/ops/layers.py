@@ -21,7 +21,7 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16)  # what the compiled decode takes
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, with CPU paths that measured faster on the 2-core AVX2 machine:
+    """F.linear, with CPU paths that measured faster on the 2-core AMD EPYC (AVX2; bench/compare.py):
 
     - few rows (decode), float32 or bfloat16: the compiled GEMV (kernels.py), a streaming read of the
       weight at 1.5-2.5x MKL's rate on decode shapes. Without it, float32: (W @ x^T)^T, where MKL's GEMM
@@ -88,8 +88,9 @@ class RMSNorm(nn.Module):
 
 
 # Weight rows dequantised at a time in a prefill: small enough to stay in the caches next to the GEMM, large
-# enough for the GEMM to run at its rate. bf16 with AMX, 8512x2048 weight: 4 MB blocks ran 17/64/512/2048 rows at
-# 0.13/0.30/0.48/0.81 of the bf16 GEMM on the dequantised weight (1 MB: up to 0.79, 16 MB: up to 0.79).
+# enough for the GEMM to run at its rate. `python bench/dequant.py` on the Sapphire Rapids Xeon (AMX bf16): 4 MB
+# blocks ran 17/64/512/2048 rows at 0.14/0.22/0.56/0.82 of the GEMM on the dequantised weight; 1 MB
+# 0.18/0.20/0.12/0.75, 16 MB 0.06/0.30/0.31/0.66.
 DEQUANT_BLOCK_BYTES = 4 << 20
 
 
@@ -97,14 +98,15 @@ class Int8Linear(nn.Module):
     """Weight-only int8: for a few rows (decode) the compiled GEMV reads the int8 rows at the memory's speed
     (also inside the compiled decode step); for many rows (prefill) `dequantized_matmul`. Both round inputs
     and outputs to bfloat16. (torch's private `_weight_int8pack_mm` did this in one kernel, but crashed on some
-    shapes on AVX-512 CPUs and ran 3-12x slower than dequantize + bf16 GEMM with AMX.)"""
+    shapes on AVX-512 CPUs; with AMX it ran 512-2048 rows at 0.09-0.10 of the bf16 GEMM, where
+    `dequantized_matmul` runs 0.56-0.82, `python bench/dequant.py`.)"""
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
         w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # symmetric, per output row
         self.register_buffer("weight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))  # the kernel wants x's dtype
+        self.register_buffer("scale", scale.to(torch.bfloat16))  # in bf16, as the inputs are rounded
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
