@@ -19,6 +19,7 @@ Legend: b batch, l/t sequence, d hidden, h heads, p head dim, n state size, g gr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -231,11 +232,19 @@ class Layer(nn.Module):
         return x + self.mamba(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm, ctx.doc)  # residual is x, not u
 
 
+@dataclass
 class Context:
-    """What every layer of one forward shares: embeddings, padding mask, attention mask, RoPE, cache."""
+    """What every layer of one forward shares (built by Zamba2LM.forward, and by infer/graphs.py for a graph step)."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    embeddings: Tensor  # [b,t,d] the original embeddings, which every shared-block visit reads
+    chunk_size: int  # the scan's chunk length
+    mask: Tensor | None = None  # [b,t] False for left padding
+    attn_mask: Tensor | None = None  # [b,1,t,past+t] or [t,past+t], True = attend; None with `causal` or one query
+    causal: bool = False
+    rope: tuple[Tensor, Tensor] | None = None  # (cos, sin) [b,1,t,hd]
+    cache: HybridCache | None = None
+    start: int | None = 0  # the first KV slot of these tokens
+    doc: Tensor | None = None  # [b,t] document index of packed training sequences
 
 
 class Zamba2LM(nn.Module):
