@@ -47,6 +47,8 @@ def test_generate_sampling_flags_and_bfloat16(checkpoint):
     assert out.returncode == 0, out.stderr
     out = run("generate", "--model", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "5", "--int8")
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    out = run("generate", "--model", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "5", "--int4")
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
 
 
 def test_bad_input_gives_a_message_not_a_traceback(checkpoint, tmp_path):
