@@ -43,6 +43,15 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_quantize(args) -> None:
+    import torch
+
+    from .infer.quant import quantize_checkpoint
+
+    quantize_checkpoint(args.model, args.out, args.bits, args.group_size, getattr(torch, args.dtype))
+    print(f"int{args.bits} weights" + (f" (groups of {args.group_size})" if args.bits == 4 else "") + f" -> {args.out}")
+
+
 def cmd_prepare(args) -> None:
     from .text.read import read_documents
     from .train.data import prepare
@@ -244,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     add_quant_flags(g)
     g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("quantize", help="write a checkpoint with int8 or int4 weights, which every command loads as is")
+    q.add_argument("--model", required=True, help="float checkpoint folder (config.json + safetensors)")
+    q.add_argument("--out", required=True, help="folder to write (config.json records the format)")
+    q.add_argument("--bits", type=int, choices=(8, 4), required=True, help="8: a scale per row; 4: per group")
+    q.add_argument("--group-size", type=int, default=64, help="int4 weights per scale and offset (default 64)")
+    q.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the weights kept in float (embedding, norms, SSM parameters; default float32)")
+    q.set_defaults(func=cmd_quantize)
 
     d = sub.add_parser("demo", help="prepare a bundled corpus, train a small Zamba2 on CPU, evaluate and sample")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

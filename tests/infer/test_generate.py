@@ -93,8 +93,6 @@ def test_int8_weights_generate_close_to_float():
     out = zamba2.generate(q, ids, 4)  # int8 decode (few rows) agrees with the int8 full forward (many rows)
     for t in range(4):
         assert torch.equal(q(out[:, :24 + t])[:, -1].argmax(-1), out[:, 24 + t])
-    with pytest.raises(ValueError, match="quantized"):
-        zamba2.save(q, "never-written")
 
 
 def test_int4_weights_generate_close_to_float():

@@ -11,41 +11,16 @@ accuracy cost (logit error, perplexity change) is measured by bench/quant.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import shutil
+from pathlib import Path
 
 import torch
-from torch import Tensor, nn
 
 from ..errors import UserError
+from ..model.checkpoint import load, save
 from ..model.zamba2 import Zamba2LM
-from ..ops.layers import INT4_BLOCK, INT4_GROUP, Int4Linear, Int8Linear, Linear
-
-
-@dataclass(frozen=True)
-class Quantization:
-    """A weight format: bits 8 (a scale per row) or 4 (a scale and offset per group of group_size weights)."""
-
-    bits: int
-    group_size: int | None = None
-
-    def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise UserError(f"quantization: bits must be 8 or 4, not {self.bits}")
-        if self.bits == 4 and (not isinstance(self.group_size, int) or self.group_size <= 0
-                               or self.group_size % INT4_BLOCK):
-            raise UserError(f"int4 group size must be a positive multiple of {INT4_BLOCK}, not {self.group_size}")
-
-    @property
-    def name(self) -> str:
-        return f"int{self.bits}"
-
-    def layer(self, weight: Tensor, bias: Tensor | None) -> nn.Module | None:
-        """The quantized projection for a float one, or None where it stays in float: an input width not a
-        multiple of 8 (int8) or of the group (int4); none in the released models, only the adapters' rank-r
-        up-projections of tiny test models."""
-        if self.bits == 8:
-            return Int8Linear.quantize(weight, bias) if weight.shape[1] % 8 == 0 else None
-        return Int4Linear.quantize(weight, bias, self.group_size) if weight.shape[1] % self.group_size == 0 else None
+from ..ops.layers import INT4_GROUP, Linear, Quantization
 
 
 @torch.no_grad()
@@ -73,3 +48,22 @@ def quantize_int8(model: Zamba2LM) -> Zamba2LM:
 def quantize_int4(model: Zamba2LM, group_size: int = INT4_GROUP) -> Zamba2LM:
     """Every projection int4 with a scale and offset per group of `group_size` weights along its rows."""
     return quantize(model, Quantization(4, group_size))
+
+
+def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, bits: int, group_size: int = INT4_GROUP,
+                        dtype: torch.dtype = torch.float32) -> Zamba2LM:
+    """`zamba2 quantize`: write the checkpoint at `src` with `bits`-bit projections to folder `out`, which every
+    loader then reads as it is (its config.json records the format), with the other files of `src` (tokenizer,
+    generation config). Quantized while reading (see checkpoint.load); the rest of the weights, and the weights the
+    projections are quantized from, in `dtype`. Returns the quantized model."""
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve():
+        raise UserError(f"--out {out} is the source checkpoint; write the quantized one to another folder")
+    model = load(src, dtype, "cpu", Quantization(bits, group_size if bits == 4 else None))
+    save(model, out)
+    written = {"config.json", "model.safetensors.index.json"}
+    for f in src.iterdir():
+        if f.is_file() and f.name not in written and not (f.name.startswith(("model", "pytorch_model"))
+                                                          and f.suffix in (".safetensors", ".bin", ".json")):
+            shutil.copy2(f, out / f.name)
+    return model

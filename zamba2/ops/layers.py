@@ -7,10 +7,13 @@ also the reference the tests compare with. `Int8Linear` holds weight-only int8 (
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
 from . import kernels
 from .decode import FUSABLE
 from .hardware import NATIVE_BF16
@@ -212,6 +215,62 @@ def dequantized_matmul(x: Tensor, dequantize, n: int) -> Tensor:
         n1 = min(n, n0 + block)
         torch.mm(x, dequantize(n0, n1).to(dtype).t(), out=y[:, n0:n1])
     return y.to(torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """A weight format: bits 8 (a scale per row) or 4 (a scale and offset per group of group_size weights)."""
+
+    bits: int
+    group_size: int | None = None
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise UserError(f"quantization: bits must be 8 or 4, not {self.bits}")
+        if self.bits == 4 and (not isinstance(self.group_size, int) or self.group_size <= 0
+                               or self.group_size % INT4_BLOCK):
+            raise UserError(f"int4 group size must be a positive multiple of {INT4_BLOCK}, not {self.group_size}")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def layer(self, weight: Tensor, bias: Tensor | None) -> nn.Module | None:
+        """The quantized projection for a float one, or None where it stays in float: an input width not a
+        multiple of 8 (int8) or of the group (int4); none in the released models, only the adapters' rank-r
+        up-projections of tiny test models."""
+        if self.bits == 8:
+            return Int8Linear.quantize(weight, bias) if weight.shape[1] % 8 == 0 else None
+        return Int4Linear.quantize(weight, bias, self.group_size) if weight.shape[1] % self.group_size == 0 else None
+
+    def empty(self, n: int, k: int, bias: bool) -> QuantizedLinear:
+        """The quantized form of an n x k projection, its tensors on the meta device (to be loaded)."""
+        meta = dict(device="meta")
+        b = torch.empty(n, **meta) if bias else None
+        if self.bits == 8:
+            return Int8Linear(torch.empty(n, k, dtype=torch.int8, **meta), torch.empty(n, dtype=torch.bfloat16, **meta), b)
+        return Int4Linear(torch.empty(n, k // 2, dtype=torch.uint8, **meta),
+                          torch.empty(n, k // self.group_size, 2, dtype=torch.bfloat16, **meta), b)
+
+    @staticmethod
+    def of(model: nn.Module) -> "Quantization | None":
+        """The format of a model's quantized projections (None when it has none)."""
+        for m in model.modules():
+            if isinstance(m, Int8Linear):
+                return Quantization(8)
+            if isinstance(m, Int4Linear):
+                return Quantization(4, 2 * m.weight.shape[1] // m.scale.shape[1])
+        return None
+
+    def to_dict(self) -> dict:
+        """What a quantized checkpoint's config.json records under "quantization_config"."""
+        return {"quant_method": "zamba2", "bits": self.bits, **({"group_size": self.group_size} if self.bits == 4 else {})}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Quantization":
+        if not isinstance(d, dict) or d.get("quant_method") != "zamba2" or not {"bits"} <= set(d) <= {"quant_method", "bits", "group_size"}:
+            raise UserError(f"quantization_config {d!r} is not one zamba2 writes (quant_method zamba2, bits, group_size)")
+        return cls(d["bits"], d.get("group_size"))
 
 
 FUSABLE.update((Int8Linear, Int4Linear))  # the compiled decode reads quantized weights and scales itself (decode.py)
