@@ -1,7 +1,7 @@
 """zamba2 against transformers.Zamba2ForCausalLM on this machine, on the same random weights, in one run.
 
-    python bench/compare.py --preset small [--dtype bfloat16] [--int8] [--long 32768] [--threads 2] [--skip-hf]
-                            [--no-kernels] [--json out.json]
+    python bench/compare.py --preset small [--dtype bfloat16] [--int8 | --int4 [--group-size 64]] [--long 32768]
+                            [--threads 2] [--skip-hf] [--decode-only] [--no-kernels] [--json out.json]
 
 Measures prefill tokens/s (batch 1 at 128, 512, 2048 tokens; ours as generate and the server prefill, in
 pieces of zamba2.infer.generate.PREFILL_CHUNK tokens), greedy decode tokens/s (64 new tokens after a 128-token
@@ -11,8 +11,11 @@ bandwidth before the first phase and after every phase, and reports each phase a
 of the two measured around it (a shared VM's rates drift by tens of percent within a run); and checks that
 both implementations produce the same last-token logits and greedy tokens.
 
---int8 runs our model with int8 weight-only matmuls (zamba2.quantize_int8) against transformers in the
-given dtype; its greedy tokens then differ where quantization flips near-ties. --long N also prefills an
+--int8 / --int4 run our model with int8 / int4 weight-only matmuls (zamba2.quantize_int8 / quantize_int4)
+against transformers in the given dtype; its greedy tokens then differ where quantization flips near-ties.
+Its weight bytes per parameter are then the stored ones: 1 for int8 (the per-row scales are negligible),
+0.5 + 4 / group size for int4 (the packed nibbles and a bfloat16 scale and offset per group).
+--decode-only skips the prefill phases. --long N also prefills an
 N-token prompt through zamba2.generate (in pieces) and reports the memory it adds beyond its KV cache and
 states.
 
@@ -382,7 +385,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, choices=["tiny", "small", "1.2b"], help="model shape (random weights)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight and activation dtype")
-    ap.add_argument("--int8", action="store_true", help="our model with int8 weight-only matmuls")
+    quant = ap.add_mutually_exclusive_group()
+    quant.add_argument("--int8", action="store_true", help="our model with int8 weight-only matmuls")
+    quant.add_argument("--int4", action="store_true", help="our model with int4 weight-only matmuls")
+    ap.add_argument("--group-size", type=int, default=64, help="int4 weights per scale (default 64)")
+    ap.add_argument("--decode-only", action="store_true", help="skip the prefill phases")
     ap.add_argument("--long", type=int, default=0, help="also prefill a prompt of this many tokens (memory check)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--skip-hf", action="store_true", help="measure zamba2 only")
@@ -418,11 +425,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         if not args.skip_hf:
             zamba2.save(model, tmp)
+        quant = "int8" if args.int8 else f"int4 (groups of {args.group_size})" if args.int4 else ""
         if args.int8:
             zamba2.quantize_int8(model)
             elems["zamba2"] = 1  # the matmul weights; the float embedding is read one row per token
-        print("zamba2" + (" int8" if args.int8 else "") + ":", flush=True)
-        results["zamba2"] = run_phases(*ours(model), prompts, decode_prompts, lambda: machine_limits(dtype), limits)
+        if args.int4:
+            zamba2.quantize_int4(model, args.group_size)
+            elems["zamba2"] = 0.5 + 4 / args.group_size  # nibbles, and a bfloat16 scale and offset per group
+        print(f"zamba2 {quant}:", flush=True)
+        prefills = {} if args.decode_only else prompts
+        results["zamba2"] = run_phases(*ours(model), prefills, decode_prompts, lambda: machine_limits(dtype), limits)
         if args.long:
             results["zamba2"][f"long prompt {args.long}"] = long_prompt(model, args.long)
         del model
@@ -434,7 +446,7 @@ def main() -> None:
             hf.generation_config.eos_token_id = None  # always NEW_TOKENS tokens
             hf(prompts[PREFILL_LENGTHS[0]][:, :8])  # its first forward pages the weights in: no phase's memory
             print(f"transformers {transformers.__version__}:", flush=True)
-            results["transformers"] = run_phases(*theirs(hf), prompts, decode_prompts, lambda: machine_limits(dtype),
+            results["transformers"] = run_phases(*theirs(hf), prefills, decode_prompts, lambda: machine_limits(dtype),
                                              machine_limits(dtype))
 
     # the phases have their own limits (run_phases); the run's, start and end, are for --long and the record

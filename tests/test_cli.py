@@ -47,6 +47,17 @@ def test_generate_sampling_flags_and_bfloat16(checkpoint):
     assert out.returncode == 0, out.stderr
     out = run("generate", "--model", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "5", "--int8")
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    out = run("generate", "--model", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "5", "--int4")
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
+
+
+def test_quantize_writes_a_folder_every_command_loads(checkpoint, tmp_path):
+    out = run("quantize", "--model", str(checkpoint), "--out", str(tmp_path / "q"), "--bits", "4", "--group-size", "32")
+    assert out.returncode == 0 and "int4 weights (groups of 32)" in out.stdout, out.stderr
+    out = run("generate", "--model", str(tmp_path / "q"), "--prompt", "Hello", "--max-new-tokens", "5")
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    out = run("generate", "--model", str(tmp_path / "q"), "--prompt", "Hello", "--int8")
+    assert out.returncode == 2 and "holds int4 weights already" in out.stderr
 
 
 def test_bad_input_gives_a_message_not_a_traceback(checkpoint, tmp_path):

@@ -14,8 +14,8 @@ from .model.checkpoint import CheckpointError, load, save
 from .model.config import Config, preset, tiny
 from .infer.generate import generate, sample, stream
 from .model.zamba2 import Zamba2LM
-from .infer.quant import quantize_int8
+from .infer.quant import quantize_int4, quantize_int8
 from .text.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["Config", "Zamba2LM", "HybridCache", "CheckpointError", "load", "save", "generate", "stream", "sample",
-           "preset", "tiny", "quantize_int8", "Tokenizer", "load_tokenizer"]
+           "preset", "tiny", "quantize_int8", "quantize_int4", "Tokenizer", "load_tokenizer"]

@@ -28,7 +28,7 @@ def cmd_generate(args) -> None:
     from .infer.generate import stream
     from .infer.load import load_for_inference
 
-    model, tok = load_for_inference(args.model, args.dtype, args.device, args.int8)
+    model, tok = load_for_inference(args.model, args.dtype, args.device, args.int8, args.int4)
     ids = tok.encode(args.prompt)
     push = tok.stream_decoder()
     for i in ids:  # feed the prompt so the continuation decodes in context (leading spaces, split characters)
@@ -41,6 +41,15 @@ def cmd_generate(args) -> None:
         sys.stdout.write(push(int(token[0])))
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_quantize(args) -> None:
+    import torch
+
+    from .infer.quant import quantize_checkpoint
+
+    quantize_checkpoint(args.model, args.out, args.bits, args.group_size, getattr(torch, args.dtype))
+    print(f"int{args.bits} weights" + (f" (groups of {args.group_size})" if args.bits == 4 else "") + f" -> {args.out}")
 
 
 def cmd_prepare(args) -> None:
@@ -120,7 +129,8 @@ def cmd_serve(args) -> None:
 
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_n=args.max_n,
                     max_body_bytes=args.max_body_bytes)
-    serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits, args.int8)
+    serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits, args.int8,
+          args.int4)
 
 
 def cmd_eval_perplexity(args) -> None:
@@ -201,6 +211,17 @@ def add_finetune_flags(f: argparse.ArgumentParser, out: str) -> None:
                    help="write OUT/merged, a plain checkpoint with the adapters folded in (else OUT/adapter)")
 
 
+def add_quant_flags(p: argparse.ArgumentParser) -> None:
+    """--int8 | --int4: weight-only quantization of a float checkpoint as it loads."""
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--int8", action="store_true",
+                   help="int8 weight-only matmuls on CPU: faster decode (bench/quant.py measures it), 1/4 of the "
+                        "matmul weight memory")
+    q.add_argument("--int4", action="store_true",
+                   help="int4 weight-only matmuls on CPU (groups of 64): the fastest decode, about 1/7 of the matmul "
+                        "weight memory, at some accuracy (bench/quant.py measures both)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zamba2", description="Run, train and serve Zamba2 hybrid language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -218,10 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     # runtime
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    g.add_argument("--int8", action="store_true",
-                   help="int8 weight-only matmuls on CPU: faster decode (bench/quant.py measures it), 1/4 of the "
-                        "matmul weight memory")
+    add_quant_flags(g)
     g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("quantize", help="write a checkpoint with int8 or int4 weights, which every command loads as is")
+    q.add_argument("--model", required=True, help="float checkpoint folder (config.json + safetensors)")
+    q.add_argument("--out", required=True, help="folder to write (config.json records the format)")
+    q.add_argument("--bits", type=int, choices=(8, 4), required=True, help="8: a scale per row; 4: per group")
+    q.add_argument("--group-size", type=int, default=64, help="int4 weights per scale and offset (default 64)")
+    q.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the weights kept in float (embedding, norms, SSM parameters; default float32)")
+    q.set_defaults(func=cmd_quantize)
 
     d = sub.add_parser("demo", help="prepare a bundled corpus, train a small Zamba2 on CPU, evaluate and sample")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -270,8 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: folder name)")
     s.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    s.add_argument("--int8", action="store_true",
-                   help="int8 weight-only matmuls on CPU (faster decode; bench/quant.py measures it)")
+    add_quant_flags(s)
     # batching limits
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503 (default 256)")

@@ -85,7 +85,7 @@ def test_gemv_equals_linear(k, dtype, rows, n, k_):
 def test_gemv_rejects_bad_input(k):
     with pytest.raises(RuntimeError, match="columns"):
         k.gemv(torch.randn(4, 8), torch.randn(1, 9))
-    with pytest.raises(RuntimeError, match="float32, bfloat16 or int8"):
+    with pytest.raises(RuntimeError, match="float32, bfloat16, int8 or packed int4"):
         k.gemv(torch.randn(4, 8).double(), torch.randn(1, 8))
     with pytest.raises(RuntimeError, match="scale per row"):
         k.gemv(torch.zeros(4, 8, dtype=torch.int8), torch.randn(1, 8))
@@ -181,8 +181,8 @@ def test_decode_equals_torch_code(k, calls, dtype, batch, shape):
         torch.testing.assert_close(fast_cache.keys[i], ref_cache.keys[i], **tol)
 
 
-def test_decode_of_int8_and_lora_models_equals_torch_code(k, calls):
-    """int8 projections are read by the compiled decoder (inputs and outputs rounded to bfloat16 as torch's int8
+def test_decode_of_quantized_and_lora_models_equals_torch_code(k, calls):
+    """int8 and int4 projections are read by the compiled decoder (inputs and outputs rounded to bfloat16 as torch's int8
     kernel does); LoRA projections keep their modules, with the compiled mixer step between them."""
     from zamba2.train.lora import LoRA
 
@@ -193,12 +193,14 @@ def test_decode_of_int8_and_lora_models_equals_torch_code(k, calls):
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     int8 = zamba2.quantize_int8(random_model(hidden_size=64, intermediate_size=128))
+    int4 = zamba2.quantize_int4(random_model(hidden_size=64, intermediate_size=128), group_size=32)
     assert not any(plain(layer.mamba.in_proj) for layer in lora.layers)
-    assert all(plain(layer.mamba.in_proj) for layer in int8.layers)
+    assert all(plain(layer.mamba.in_proj) for layer in int8.layers + int4.layers)
     layers = lora.config.num_hidden_layers
-    # int8 outputs are bfloat16, where sums in another order flip ulps
+    # int8 and int4 outputs are bfloat16, where sums in another order flip ulps
     for model, tol, expected in ((lora, 1e-4, {"mamba_step": 12 * layers, "mamba_prefill": layers}),
-                                 (int8, 1e-2, {"decoder": 12, "mamba_prefill": layers})):
+                                 (int8, 1e-2, {"decoder": 12, "mamba_prefill": layers}),
+                                 (int4, 1e-2, {"decoder": 12, "mamba_prefill": layers})):
         calls.clear()
         prompt = torch.randint(0, model.config.vocab_size, (2, 9))
         fast, _ = decode(model, prompt, 12)

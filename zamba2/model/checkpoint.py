@@ -17,9 +17,11 @@ linear_layers); it is used only when no model.layers.* key exists.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -30,7 +32,8 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import UserError, device as check_device
+from ..errors import UserError, device as check_device, naming, read_json
+from ..ops.layers import Linear, Quantization
 from .config import Config
 from .zamba2 import Zamba2LM
 
@@ -124,69 +127,106 @@ def native_to_hf(key: str, cfg: Config) -> str:
     raise KeyError(f"{key}: no row of HF_KEYS writes this parameter")
 
 
+class Shards:
+    """The tensors of a checkpoint folder, from the files its index names (or the single file), read one at a time.
+
+    A safetensors file is memory-mapped only while one of its tensors is copied out, so resident memory holds
+    the tensors a load keeps, never a whole shard (mapped pages count as resident while mapped).
+    """
+
+    def __init__(self, path: Path):
+        self.file: dict[str, Path] = {}  # checkpoint key -> its file
+        self.shape: dict[str, tuple] = {}
+        self._bins: dict[Path, dict] = {}  # pytorch_model*.bin, memory-mapped by torch.load
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            if (path / index_name).exists():
+                try:
+                    weight_map = json.loads((path / index_name).read_text())["weight_map"]
+                    files = {f: [k for k, g in weight_map.items() if g == f] for f in dict.fromkeys(weight_map.values())}
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                    raise CheckpointError(f"{path / index_name}: not a valid index ({e})") from None
+                for f, keys in files.items():
+                    present = self._open(path / f)
+                    missing = [k for k in keys if k not in present]
+                    if missing:
+                        raise CheckpointError(f"{path / f} lacks {missing[:3]} which the index lists")
+                    self._add(path / f, keys, present)
+                return
+            if (path / single).exists():
+                present = self._open(path / single)
+                self._add(path / single, list(present), present)
+                return
+        raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+    def _open(self, f: Path) -> dict[str, tuple]:
+        """{key: shape} of a weights file, reading only its header (safetensors)."""
+        if not f.exists():
+            raise CheckpointError(f"{f}: file named by the index is missing")
+        with self._reading(f):
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as sf:
+                    return {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+            self._bins[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            return {k: tuple(v.shape) for k, v in self._bins[f].items()}
+
+    def _add(self, f: Path, keys: list[str], shapes: dict[str, tuple]) -> None:
+        for k in keys:
+            self.file[k], self.shape[k] = f, shapes[k]
+
+    def get(self, key: str) -> torch.Tensor:
+        f = self.file[key]
+        if f in self._bins:
+            return self._bins[f][key]
+        with self._reading(f), safe_open(str(f), framework="pt") as sf:
+            return sf.get_tensor(key)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _reading(f: Path):
+        try:
+            yield
+        except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise CheckpointError(f"{f}: unreadable or truncated weights file ({e})") from None
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, from the files its index names (or the single file)."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (path / index_name).exists():
-            try:
-                weight_map = json.loads((path / index_name).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{path / index_name}: not a valid index ({e})") from None
-            files: dict[str, list[str]] = {}
-            for k, f in weight_map.items():
-                files.setdefault(f, []).append(k)
-            out = {}
-            for f, keys in files.items():
-                tensors = _read_file(path / f)
-                missing = [k for k in keys if k not in tensors]
-                if missing:
-                    raise CheckpointError(f"{path / f} lacks {missing[:3]} which the index lists")
-                out.update({k: tensors[k] for k in keys})
-            return out
-        if (path / single).exists():
-            return _read_file(path / single)
-    raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    """All tensors of a checkpoint folder (see Shards)."""
+    shards = Shards(Path(path))
+    return {k: shards.get(k) for k in shards.file}
 
 
-def _read_file(f: Path) -> dict[str, torch.Tensor]:
-    if not f.exists():
-        raise CheckpointError(f"{f}: file named by the index is missing")
-    try:
-        if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as sf:
-                return {k: sf.get_tensor(k) for k in sf.keys()}
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{f}: unreadable or truncated weights file ({e})") from None
-
-
-def convert_state_dict(tensors: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors -> our state dict; raises CheckpointError naming every problem it finds."""
-    if any(k.startswith("model.layers.") for k in tensors):
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(LEGACY_PREFIXES)}
-    out: dict[str, torch.Tensor] = {}
+def key_plan(keys: list[str], cfg: Config, quantized: bool) -> dict[str, list[str]]:
+    """Our parameter name -> the checkpoint keys holding it: one, or several copies of a shared weight (a
+    duplicated shared block; the LM head of a tied model, saved untied) that must be equal. A quantized
+    checkpoint's projections hold `.scale` beside `.weight`, under the same names; its head is its own even when
+    tied (a quantized copy of the embedding)."""
+    if any(k.startswith("model.layers.") for k in keys):
+        keys = [k for k in keys if not k.startswith(LEGACY_PREFIXES)]
+    plan: dict[str, list[str]] = {}
     unexpected = []
-    for key, value in tensors.items():
-        name = hf_to_native(key, cfg)
-        if name is None:
+    for key in keys:
+        stem, scale = (key[:-len(".scale")] + ".weight", True) if key.endswith(".scale") else (key, False)
+        name = hf_to_native(stem, cfg)
+        if name is None or scale and not quantized:
             unexpected.append(key)
             continue
-        if name in out:  # a duplicated shared block / adapter: all copies must agree
-            if out[name].shape != value.shape or not torch.equal(out[name], value):
-                raise CheckpointError(f"{key}: this copy of a shared weight differs from another copy ({name})")
-            continue
-        out[name] = value
-    if cfg.tie_word_embeddings and "lm_head.weight" in out:
-        head = out.pop("lm_head.weight")
-        if "embed_tokens.weight" in out and not torch.equal(head, out["embed_tokens.weight"]):
-            raise CheckpointError("config says tie_word_embeddings but lm_head.weight differs from the embeddings")
-    with torch.device("meta"):
-        expected = Zamba2LM(cfg).state_dict()
-    unexpected += sorted(k for k in out if k not in expected)
-    missing = sorted(k for k in expected if k not in out)
-    wrong = [f"{k}: checkpoint {tuple(out[k].shape)} vs config {tuple(v.shape)}"
-             for k, v in expected.items() if k in out and out[k].shape != v.shape]
+        if scale:
+            name = name[:-len("weight")] + "scale"
+        if cfg.tie_word_embeddings and name == "lm_head.weight" and not quantized:
+            name = "embed_tokens.weight"  # an untied copy of the tied head
+        plan.setdefault(name, []).append(key)
+    if unexpected:
+        plan["<unexpected>"] = unexpected
+    return plan
+
+
+def check_plan(plan: dict[str, list[str]], shapes: dict[str, tuple], expected: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError naming every missing, unexpected and misshapen tensor."""
+    unexpected = plan.get("<unexpected>", []) + sorted(k for k in plan if k not in expected and k != "<unexpected>")
+    missing = sorted(k for k in expected if k not in plan)
+    wrong = [f"{k}: checkpoint {shapes[key]} vs config {tuple(v.shape)}"
+             for k, v in expected.items() if k in plan for key in plan[k] if shapes[key] != tuple(v.shape)]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing tensors, e.g. {missing[:4]}")
@@ -197,40 +237,107 @@ def convert_state_dict(tensors: dict[str, torch.Tensor], cfg: Config) -> dict[st
                         f"mamba_ngroups, adapter_rank, intermediate_size): {wrong[:4]}")
     if problems:
         raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
-    return {k: out[k] for k in expected}
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Zamba2LM:
-    """Load a Hugging Face style Zamba2 folder (official Hub layout or transformers' save_pretrained)."""
+def stored_quantization(path: Path) -> Quantization | None:
+    """The weight format a quantized checkpoint's config.json records (`zamba2 quantize`), or None."""
+    d = read_json(path / "config.json", f"no config.json at {path}")
+    q = d.get("quantization_config") if isinstance(d, dict) else None
+    with naming(path / "config.json"):
+        return None if q is None else Quantization.from_dict(q)
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         quantization: Quantization | None = None) -> Zamba2LM:
+    """Load a Hugging Face style Zamba2 folder (official Hub layout or transformers' save_pretrained), or one that
+    `zamba2 quantize` wrote (its weight format is in its config.json).
+
+    Tensors are read one at a time and converted to `dtype`. With `quantization`, each projection is quantized
+    as soon as its weights are read, so a float copy of the whole model never exists: the peak is the quantized
+    model plus about one float tensor (bench/big_load.py measures it on the 7B shape). The result equals loading
+    in float and quantizing after.
+    """
     path = Path(path)
     device = check_device(device)  # a clear error before reading gigabytes of weights
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     cfg = Config.from_json(path / "config.json")
-    state = convert_state_dict(read_tensors(path), cfg)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    stored = stored_quantization(path)
+    if stored and quantization not in (None, stored):
+        raise UserError(f"{path} holds {stored.name} weights already; load it without asking for {quantization.name}")
+    quantize = quantization if stored is None else None  # quantized while reading
+    if (stored or quantize) and device.type != "cpu":
+        raise UserError(f"{(stored or quantize).name} weights are a CPU format; the device is {device}")
+    shards = Shards(path)
+    plan = key_plan(list(shards.file), cfg, quantized=stored is not None)
     with torch.device("meta"):
         model = Zamba2LM(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
+    if stored:  # the quantized projections, empty, for the stored tensors to fill
+        for name in [n[:-len(".scale")] for n in plan if n.endswith(".scale")]:
+            parent, _, attr = name.rpartition(".")
+            old = model.get_submodule(name) if name != "lm_head" or model.lm_head else None
+            n, k = (old.weight.shape if old is not None else model.embed_tokens.weight.shape)
+            new = stored.empty(n, k, old is not None and old.bias is not None)
+            setattr(model.get_submodule(parent) if parent else model, attr, new)
+    check_plan(plan, shards.shape, model.state_dict())
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # a projection's tensors until it has all (weight, bias)
+    for name, keys in sorted(plan.items(), key=lambda kv: (str(shards.file[kv[1][0]]), kv[1][0])):
+        value = shards.get(keys[0])
+        for other in keys[1:]:  # copies of one shared weight must agree
+            if not torch.equal(shards.get(other), value):
+                raise CheckpointError(f"{other}: this copy of a shared weight differs from another copy ({name})")
+        if value.is_floating_point() and not name.endswith(".scale"):
+            value = value.to(device=device, dtype=dtype)
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if quantize and isinstance(module, Linear):
+            pending.setdefault(owner, {})[attr] = value
+            if len(pending[owner]) == len(module._parameters) - (module.bias is None):
+                tensors = pending.pop(owner)
+                new = quantize.layer(tensors["weight"], tensors.get("bias"))
+                if new is None:  # stays in float
+                    _assign(module, tensors)
+                else:
+                    parent, _, child = owner.rpartition(".")
+                    setattr(model.get_submodule(parent), child, new)
+            continue
+        _assign(module, {attr: value})
+    if quantize:
+        if model.lm_head is None:  # tied: the head gets its own quantized copy, the lookup keeps the embedding
+            model.lm_head = quantize.layer(model.embed_tokens.weight, None)
+    if stored or quantize:
+        model.quantized = (stored or quantize).name
+        model.requires_grad_(False)
     return model.eval()
+
+
+def _assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put loaded tensors in place of a module's (meta) parameters and buffers, as load_state_dict(assign=True)."""
+    for attr, value in tensors.items():
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(value, requires_grad=module._parameters[attr].requires_grad)
+        else:
+            module._buffers[attr] = value
 
 
 def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
          train_state: dict | None = None, state_dict: dict | None = None) -> None:
     """Write config.json + safetensors (sharded with an index past max_shard_bytes) in the transformers layout.
 
-    `train_state` (optimizer, step, data position, ...) is written beside it as train_state.pt.
+    `train_state` (optimizer, step, data position, ...) is written beside it as train_state.pt. A quantized
+    model's projections are written as stored (`.weight` and `.scale`), its format in config.json.
     `state_dict` replaces model.state_dict(): the gathered full weights of an FSDP-sharded model.
 
     The folder is written beside the target and swapped in by rename, so a failure mid-save (full
     disk, kill) leaves any previous checkpoint at `path` intact.
     """
-    if model.quantized:
-        raise UserError(f"this model is {model.quantized}-quantized for inference; save the float model instead")
+    quantization = Quantization.of(model)
+    if quantization and train_state is not None:
+        raise UserError(f"this model is {quantization.name}-quantized, for inference only: it cannot be trained")
     path = Path(path)
     cfg = model.config
     weights = model.state_dict() if state_dict is None else state_dict
-    tensors = {native_to_hf(k, cfg): v.detach().contiguous().cpu() for k, v in weights.items()}
+    tensors = {_hf_key(k, cfg): v.detach().contiguous().cpu() for k, v in weights.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in tensors.items():
@@ -243,7 +350,11 @@ def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2*
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        cfg.save(tmp / "config.json")
+        if quantization:  # recorded, so that every loader reads the weights as they are stored
+            (tmp / "config.json").write_text(json.dumps({**cfg.to_dict(), "quantization_config": quantization.to_dict()},
+                                                        indent=2) + "\n")
+        else:
+            cfg.save(tmp / "config.json")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
@@ -265,6 +376,13 @@ def save(model: Zamba2LM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2*
             kept = "the previous checkpoint is intact" if path.exists() else "nothing was written"
             raise UserError(f"no space left on device while saving {path}; {kept}") from None
         raise
+
+
+def _hf_key(name: str, cfg: Config) -> str:
+    """native_to_hf, and a quantized projection's scales beside its weight under the same name."""
+    if name.endswith(".scale"):
+        return native_to_hf(name[:-len("scale")] + "weight", cfg)[:-len("weight")] + "scale"
+    return native_to_hf(name, cfg)
 
 
 def _no_space(e: BaseException | None) -> bool:

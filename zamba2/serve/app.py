@@ -256,14 +256,14 @@ def create_app(server: Server) -> FastAPI:
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "cpu",
-          name: str | None = None, limits: Limits | None = None, int8: bool = False) -> None:
+          name: str | None = None, limits: Limits | None = None, int8: bool = False, int4: bool = False) -> None:
     """Load a checkpoint and serve it with uvicorn until interrupted."""
     import uvicorn
 
     from ..infer.load import load_for_inference
     from ..ops import kernels
 
-    model, tokenizer = load_for_inference(model_path, dtype, device, int8)
+    model, tokenizer = load_for_inference(model_path, dtype, device, int8, int4)
     if model.device.type == "cpu":
         kernels.get()  # built or loaded now, before the server reports healthy, never inside a request
     server = Server(model, tokenizer, model_path, name or Path(model_path).resolve().name, limits)

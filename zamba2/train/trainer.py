@@ -167,7 +167,11 @@ def build_model(cfg: TrainConfig) -> Zamba2LM:
         return Zamba2LM(mc)
     if not Path(cfg.model).is_dir():
         raise UserError(f"model {cfg.model!r} is neither a preset {sorted(PRESETS)} nor a checkpoint folder")
-    return checkpoint.load(cfg.model)
+    model = checkpoint.load(cfg.model)
+    if model.quantized:
+        raise UserError(f"{cfg.model} holds {model.quantized}-quantized weights, which are for inference only: "
+                        "train from the float checkpoint it was made from")
+    return model
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -4,8 +4,9 @@
 //   so this is a streaming read of W: both cores read their half of W's rows, each row once, while the
 //   x rows stay in L1/L2. MKL's GEMV reached 12-18 GB/s on Zamba2's decode shapes where a plain 2-thread
 //   read of the same memory reaches ~35 GB/s (bench/compare.py measures both). W may be bfloat16 (its
-//   elements widen to float32 exactly, a 16-bit shift) or int8 with a scale per row, so bf16 and int8
-//   decode read a half and a quarter of the bytes, with float32 arithmetic.
+//   elements widen to float32 exactly, a 16-bit shift), int8 with a scale per row, or packed int4 with a
+//   scale and offset per group (nibbles unpacked in registers), so bf16, int8 and int4 decode read a half, a
+//   quarter and about a seventh of the bytes, with float32 arithmetic.
 // mamba_step: everything a Mamba2 mixer does to one token between in_proj and out_proj (depthwise conv
 //   over the cached window, SiLU, softplus(dt), the SSM state update and read-out, D skip, gated RMSNorm)
 //   in one call instead of ~40 small torch ops (models whose projections are LoRA); mamba_layer adds the
@@ -49,18 +50,77 @@ inline void block(const W* w, int64_t K, const float* x, float* y, int64_t N) {
     }
 }
 
-// NB weight rows (read from memory once) against all R input rows, in tiles of up to 4 that re-read the
-// rows from L1/L2.
-template <typename W, int NB>
-inline void all_rows(const W* w, int64_t K, const float* x, float* y, int64_t R, int64_t N) {
-  for (int64_t r = 0; r < R;) {
-    switch (std::min<int64_t>(R - r, 4)) {
-      case 1: block<W, NB, 1>(w, K, x + r * K, y + r * N, N); r += 1; break;
-      case 2: block<W, NB, 2>(w, K, x + r * K, y + r * N, N); r += 2; break;
-      case 3: block<W, NB, 3>(w, K, x + r * K, y + r * N, N); r += 3; break;
-      default: block<W, NB, 4>(w, K, x + r * K, y + r * N, N); r += 4; break;
+// Packed int4 (quant.Int4Linear): a row is K/2 bytes in blocks of 32 weights, byte j of a block holding weight j in
+// its low nibble and weight 16 + j in its high one; sm holds (scale s, offset m) per group of G weights of a row,
+// w = s q + m. Per group the nibbles (0..15, exact as floats) multiply x and are summed, then scaled; the offsets
+// multiply the sums of x over each group (xs [RT, K/G], computed once per call). Streams the bytes as `block`
+// streams int8 rows: NB rows against RT input rows, the rows two blocks ahead prefetched.
+template <int NB, int RT>
+inline void block4(const uint8_t* w, const at::BFloat16* sm, int64_t K, int64_t G, const float* x, const float* xs,
+                   float* y, int64_t N) {
+  const int64_t KB = K / 2, NG = K / G;
+  Vec out[NB][RT];
+  float off[NB][RT] = {};
+  for (int i = 0; i < NB; i++)
+    for (int r = 0; r < RT; r++) out[i][r] = Vec::zero();
+  for (int64_t g = 0; g < NG; g++) {
+    Vec acc[NB][RT];
+    for (int i = 0; i < NB; i++)
+      for (int r = 0; r < RT; r++) acc[i][r] = Vec::zero();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      if (k % 128 == 0)  // a 64-byte line holds 128 weights
+        for (int i = 0; i < NB; i++) _mm_prefetch(reinterpret_cast<const char*>(w + (i + 2 * NB) * KB + k / 2), _MM_HINT_T0);
+      for (int h = 0; h < 16; h += Vec::W) {  // bytes h.. of the block: weights h.. (low) and 16 + h.. (high)
+        Vec xl[RT], xh[RT];
+        for (int r = 0; r < RT; r++) {
+          xl[r] = Vec::load(x + r * K + k + h);
+          xh[r] = Vec::load(x + r * K + k + 16 + h);
+        }
+        for (int i = 0; i < NB; i++) {
+          Vec lo, hi;
+          Vec::nibbles(w + i * KB + k / 2 + h, lo, hi);
+          for (int r = 0; r < RT; r++) acc[i][r] = fma(hi, xh[r], fma(lo, xl[r], acc[i][r]));
+        }
+      }
+    }
+    for (int i = 0; i < NB; i++) {
+      const float s = static_cast<float>(sm[(i * NG + g) * 2]), m = static_cast<float>(sm[(i * NG + g) * 2 + 1]);
+      for (int r = 0; r < RT; r++) {
+        out[i][r] = fma(acc[i][r], Vec::set1(s), out[i][r]);
+        off[i][r] += m * xs[r * NG + g];
+      }
     }
   }
+  for (int i = 0; i < NB; i++)
+    for (int r = 0; r < RT; r++) y[r * N + i] = out[i][r].sum() + off[i][r];
+}
+
+// Calls tile(rt, r) over all R input rows in tiles of rt = up to 4 rows, which re-read the weight rows the tile's
+// kernel streams from L1/L2.
+template <typename Tile>
+inline void tiles(int64_t R, Tile tile) {
+  for (int64_t r = 0; r < R;) {
+    switch (std::min<int64_t>(R - r, 4)) {
+      case 1: tile(std::integral_constant<int, 1>{}, r); r += 1; break;
+      case 2: tile(std::integral_constant<int, 2>{}, r); r += 2; break;
+      case 3: tile(std::integral_constant<int, 3>{}, r); r += 3; break;
+      default: tile(std::integral_constant<int, 4>{}, r); r += 4; break;
+    }
+  }
+}
+
+// NB weight rows (read from memory once) against all R input rows
+template <typename W, int NB>
+inline void all_rows(const W* w, int64_t K, const float* x, float* y, int64_t R, int64_t N) {
+  tiles(R, [&](auto rt, int64_t r) { block<W, NB, decltype(rt)::value>(w, K, x + r * K, y + r * N, N); });
+}
+
+template <int NB>
+inline void all_rows4(const uint8_t* w, const at::BFloat16* sm, int64_t K, int64_t G, const float* x,
+                      const float* xs, float* y, int64_t R, int64_t N) {
+  tiles(R, [&](auto rt, int64_t r) {
+    block4<NB, decltype(rt)::value>(w, sm, K, G, x + r * K, xs + r * (K / G), y + r * N, N);
+  });
 }
 
 template <typename W>
@@ -77,17 +137,41 @@ void gemv_impl(const W* w, const float* x, float* y, int64_t R, int64_t N, int64
   });
 }
 
-// A projection weight as the model holds it: [N, K] in the model dtype, or int8 with a scale per row
-// (quant.Int8Linear, whose torch kernel takes and returns bfloat16: the rounding is kept here).
+void gemv_int4(const uint8_t* w, const at::BFloat16* sm, const float* x, float* y, int64_t R, int64_t N, int64_t K,
+               int64_t G) {
+  std::vector<float> xs(R * (K / G), 0.0f);  // x summed over each group, for the offsets
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t k = 0; k < K; k++) xs[r * (K / G) + k / G] += x[r * K + k];
+  const int64_t grain = std::max<int64_t>(16, 8192 / std::max<int64_t>(K, 1));  // as gemv_impl's
+  const int64_t gb = 2 * (K / G);  // scale entries per row
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    if (R == 1)  // 4 rows x 1: 8 accumulators (4 per group, 4 across groups)
+      for (; n + 4 <= n1; n += 4) all_rows4<4>(w + n * K / 2, sm + n * gb, K, G, x, xs.data(), y + n, R, N);
+    for (; n < n1; n++) all_rows4<1>(w + n * K / 2, sm + n * gb, K, G, x, xs.data(), y + n, R, N);
+  });
+}
+
+// A projection weight as the model holds it: [N, K] in the model dtype; or quantized (quant.QuantizedLinear, whose
+// inputs and outputs are rounded to bfloat16: the rounding is kept here): int8 [N, K] with a scale per row, or
+// packed int4 [N, K/2] uint8 with [N, K/G, 2] bfloat16 (scale, offset) per group of G.
 using Weight = std::tuple<torch::Tensor, c10::optional<torch::Tensor>>;
+
+inline int64_t in_features(const torch::Tensor& w) { return w.scalar_type() == torch::kUInt8 ? 2 * w.size(1) : w.size(1); }
 
 void check(const Weight& wt, torch::ScalarType dtype) {
   const torch::Tensor& w = std::get<0>(wt);
-  const bool int8 = w.scalar_type() == torch::kInt8;
+  const bool int8 = w.scalar_type() == torch::kInt8, int4 = w.scalar_type() == torch::kUInt8;
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weights must be contiguous matrices");
-  TORCH_CHECK(int8 || w.scalar_type() == dtype, "weights must be int8 or of the activations' dtype");
-  TORCH_CHECK(int8 == std::get<1>(wt).has_value() && (!int8 || std::get<1>(wt)->numel() == w.size(0)),
+  TORCH_CHECK(int8 || int4 || w.scalar_type() == dtype, "weights must be int8, packed int4 or of the activations' dtype");
+  TORCH_CHECK((int8 || int4) == std::get<1>(wt).has_value() && (!int8 || std::get<1>(wt)->numel() == w.size(0)),
               "int8 weights (and only they) need a scale per row");
+  if (int4) {
+    const torch::Tensor& s = *std::get<1>(wt);
+    TORCH_CHECK(s.dim() == 3 && s.size(0) == w.size(0) && s.size(2) == 2 && s.scalar_type() == torch::kBFloat16 &&
+                s.is_contiguous() && s.size(1) > 0 && 2 * w.size(1) % s.size(1) == 0 && 2 * w.size(1) / s.size(1) % 32 == 0,
+                "packed int4 weights [N, K/2] need bfloat16 [N, K/G, 2] (scale, offset), G a multiple of 32");
+  }
 }
 
 // y [R, N] = x [R, K] @ W.T, in float32
@@ -100,22 +184,31 @@ void matvec(const Weight& wt, const float* x, float* y, int64_t R) {
   }
   if (w.scalar_type() == torch::kFloat32) return gemv_impl(w.data_ptr<float>(), x, y, R, N, K);
   if (w.scalar_type() == torch::kBFloat16) return gemv_impl(w.data_ptr<at::BFloat16>(), x, y, R, N, K);
-  TORCH_CHECK(w.scalar_type() == torch::kInt8, "weights must be float32, bfloat16 or int8");
-  std::vector<float> xb(x, x + R * K);
+  const bool int8 = w.scalar_type() == torch::kInt8;
+  TORCH_CHECK(int8 || w.scalar_type() == torch::kUInt8, "weights must be float32, bfloat16, int8 or packed int4");
+  const int64_t Kx = in_features(w);
+  std::vector<float> xb(x, x + R * Kx);
   for (float& v : xb) v = round_to<at::BFloat16>(v);
-  gemv_impl(w.data_ptr<int8_t>(), xb.data(), y, R, N, K);
-  const torch::Tensor scale = std::get<1>(wt)->to(torch::kFloat32).contiguous();
-  const float* sp = scale.data_ptr<float>();
+  torch::Tensor scale;  // int8: a scale per row, applied to the sums
+  if (int8) {
+    gemv_impl(w.data_ptr<int8_t>(), xb.data(), y, R, N, K);
+    scale = std::get<1>(wt)->to(torch::kFloat32).contiguous();
+  } else {
+    const torch::Tensor& sm = *std::get<1>(wt);
+    gemv_int4(w.data_ptr<uint8_t>(), sm.data_ptr<at::BFloat16>(), xb.data(), y, R, N, Kx, Kx / sm.size(1));
+  }
+  const float* sp = int8 ? scale.data_ptr<float>() : nullptr;
   for (int64_t r = 0; r < R; r++)
-    for (int64_t n = 0; n < N; n++) y[r * N + n] = round_to<at::BFloat16>(y[r * N + n] * sp[n]);
+    for (int64_t n = 0; n < N; n++) y[r * N + n] = round_to<at::BFloat16>(sp ? y[r * N + n] * sp[n] : y[r * N + n]);
 }
 
 torch::Tensor gemv(const torch::Tensor& weight, const torch::Tensor& x, const c10::optional<torch::Tensor>& scale) {
-  // weight [N, K] float32, bfloat16, or int8 with a scale per row; x [R, K] float32 contiguous -> [R, N] float32
+  // weight [N, K] float32, bfloat16, int8 with a scale per row, or packed int4 [N, K/2] with (scale, offset) per
+  // group; x [R, K] float32 contiguous -> [R, N] float32
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32, "gemv: x must be [R, K] f32");
   const Weight wt{weight, scale};
   check(wt, weight.scalar_type());
-  TORCH_CHECK(x.size(1) == weight.size(1), "gemv: x has ", x.size(1), " columns, weight has ", weight.size(1));
+  TORCH_CHECK(x.size(1) == in_features(weight), "gemv: x has ", x.size(1), " columns, weight has ", in_features(weight));
   torch::Tensor y = torch::empty({x.size(0), weight.size(0)}, x.options());
   matvec(wt, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0));
   return y;
@@ -276,7 +369,7 @@ torch::Tensor mamba_layer(const torch::Tensor& residual, const torch::Tensor& x,
   check(in_w, x.scalar_type());
   check(out_w, x.scalar_type());
   const int64_t proj = std::get<0>(in_w).size(0);
-  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && std::get<0>(in_w).size(1) == x.size(1) &&
+  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && in_features(std::get<0>(in_w)) == x.size(1) &&
               std::get<0>(out_w).size(0) == x.size(1), "mamba_layer: shapes");
   if (x.scalar_type() == torch::kFloat32)
     return mamba_layer_t(residual, x, ln_w, ln_eps, in_w, out_w, conv_state, ssm_state,
