@@ -211,3 +211,24 @@ def test_prefix_cache_restores_exact_states_and_keeps_its_budget(model):
     for node in list(pc.snapshots):
         pc._evict(node)
     assert pc.nbytes == 0 and not pc.root.children
+
+
+def test_the_engine_steps_through_the_graph_decoder_generate_chooses(model, monkeypatch):
+    """On a GPU the engine decodes through a CUDA-graph step per batch-size bucket, chosen by the decoder choice
+    `stream` uses (generate.decoder). Forced here on the CPU, where the graph's static step runs without a graph:
+    rows joining and leaving (re-padded to a power of two each time) still give what generate gives alone."""
+    from zamba2.infer import graphs
+
+    monkeypatch.setattr(graphs, "wanted", lambda model: True)
+    g = torch.Generator().manual_seed(5)
+    specs = [(torch.randint(3, 128, (3 + 4 * i,), generator=g).tolist(), 4 + 3 * i) for i in range(5)]
+    engine = Engine(model, max_batch=5, prefix_cache_bytes=2**24, prefill_chunk=8).start()
+    try:
+        results = run(engine, *[(p, n, {}) for p, n in specs])
+    finally:
+        engine.stop()
+    buckets = {b for b, _ in graphs._DECODERS[model][1]}
+    assert buckets <= {1, 2, 4, 8} and buckets & {4, 8}  # 3 or 5 rows ran padded to 4 or 8
+    monkeypatch.setattr(graphs, "wanted", lambda model: False)
+    for (prompt, n), (tokens, _, _) in zip(specs, results):
+        assert tokens == alone(model, prompt, n)

@@ -7,7 +7,8 @@ Each loop iteration:
      a long prompt delays a running stream by one piece rather than by the whole prompt; a finished prefill
      samples its first token and joins the running batch (`HybridCache.append` right-aligns the KV slots; the
      slot mask and per-row RoPE positions let rows of any length coexist);
-  3. run one decode step for all active rows at once: logits [rows, vocab];
+  3. run one decode step for all active rows at once: logits [rows, vocab], through the decoder `stream` uses
+     too (generate.decoder: on a GPU a CUDA-graph replay per batch-size bucket, claimed again when rows change);
   4. sample each row with its own temperature / top-k / top-p and its own seeded generator;
   5. hand each token to its request's `emit` callback (the server turns that into an asyncio queue put);
   6. drop finished and cancelled rows (`HybridCache.select`, then `trim` the KV slots nobody uses).
@@ -22,17 +23,19 @@ attention.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..infer.generate import PREFILL_CHUNK, decode_step, prefill, sample
+from ..infer.generate import PREFILL_CHUNK, decoder, prefill, sample
 from ..model.cache import HybridCache
 from ..model.zamba2 import Zamba2LM
 from .metrics import Metrics
@@ -111,6 +114,8 @@ class Engine:
         self._prefills: list[_Prefill] = []
         self._rows: list[_Row] = []
         self._cache = None  # HybridCache of the active rows, in `_rows` order; None when idle
+        self._decoder = None  # how steps run while the rows stay the same (generate.decoder), holding _cache
+        self._claim = ExitStack()
         self._running = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # batched decode steps run
@@ -176,6 +181,7 @@ class Engine:
                     budget -= self._guarded([p.req], self._prefill, p, budget)
                 if self._rows:
                     self._guarded([r.req for r in self._rows], self._step)
+        self._release()
         for req in [r.req for r in self._rows] + [p.req for p in self._prefills] + list(self._queue):
             req.emit(Event(finish="error", error="the server is shutting down"))
 
@@ -265,6 +271,7 @@ class Engine:
         row = _Row(req, gen)
         if not self._deliver(row, p.logits):
             return
+        self._release()
         if self._cache is None:
             self._cache = p.cache
         else:
@@ -272,8 +279,18 @@ class Engine:
         self._rows.append(row)
 
     def _step(self) -> None:
-        tokens = torch.tensor([r.last for r in self._rows], device=self.model.device)  # [rows]
-        logits = decode_step(self.model, tokens, self._cache)  # [rows, vocab]
+        n = len(self._rows)
+        if self._decoder is None:  # the rows changed: claim a decoder for them (a CUDA graph on a GPU)
+            needed = self._cache.length + max(r.req.max_tokens - len(r.produced) for r in self._rows)
+            self._decoder = self._claim.enter_context(decoder(self.model, n, needed, bucket=True))
+            cache = self._cache
+            if self._decoder.batch_size > n:  # a graph's bucket: pad with copies of row 0, their logits unused
+                cache = copy.copy(cache)  # shallow: select rebinds the copy's tensors
+                cache.select(torch.tensor([*range(n)] + [0] * (self._decoder.batch_size - n), device=self.model.device))
+            self._decoder.load(cache)
+        last = [r.last for r in self._rows]
+        tokens = torch.tensor(last + last[:1] * (self._decoder.batch_size - n), device=self.model.device)
+        logits = self._decoder.step(tokens)[:n]  # [rows, vocab]
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(self._rows))
         self._retire([not self._deliver(r, logits[i:i + 1]) for i, r in enumerate(self._rows)])
@@ -302,6 +319,8 @@ class Engine:
     def _retire(self, leave: list[bool]) -> None:
         """Snapshot the rows that finished or were cancelled (their state covers every token but the last, never
         fed), then drop them."""
+        if any(leave):
+            self._release()
         for i, gone in enumerate(leave):
             if gone:
                 row = self._rows[i]
@@ -315,9 +334,17 @@ class Engine:
         self.metrics.cache_bytes.set(self.prefix.nbytes)
         self.metrics.cache_snapshots.set(len(self.prefix.snapshots))
 
+    def _release(self) -> None:
+        """Take the rows' cache back from the decoder (before the rows change) and let the decoder go."""
+        if self._decoder is not None:
+            self._cache = self._decoder.take(len(self._rows))
+            self._decoder = None
+            self._claim.close()
+
     def _drop(self, leave: list[bool]) -> None:
         if not any(leave):
             return
+        self._release()
         keep = [i for i, gone in enumerate(leave) if not gone]
         self._rows = [self._rows[i] for i in keep]
         if not keep:
