@@ -176,6 +176,9 @@ class Engine:
                 self._retire([r.req.cancelled for r in self._rows])
                 # while rows decode, a prefill piece delays each of their next tokens: keep it short
                 budget = self.prefill_chunk if self._rows else max(self.prefill_chunk, PREFILL_CHUNK)
+                group = self._short_prompts(budget)
+                if len(group) > 1:
+                    budget -= self._prefill_together(group)
                 while self._prefills and budget > 0:
                     p = self._prefills[0]
                     budget -= self._guarded([p.req], self._prefill, p, budget)
@@ -247,6 +250,43 @@ class Engine:
             self._prefills.remove(p)
             self._start(p)
         return e - s
+
+    def _short_prompts(self, budget: int) -> list[_Prefill]:
+        """Waiting prompts that one left-padded forward of at most `budget` tokens can prefill together: whole
+        prompts with nothing restored, no snapshot to take on the way and no scores to keep."""
+        group, longest = [], 0
+        for p in self._prefills:
+            if p.done or p.scores is not None or len(p.stops) > 1:
+                continue
+            if (len(group) + 1) * max(longest, len(p.req.prompt)) > budget:
+                break
+            group.append(p)
+            longest = max(longest, len(p.req.prompt))
+        return group
+
+    def _prefill_together(self, group: list[_Prefill]) -> int:
+        """Prefill short prompts as one left-padded batch (one forward instead of one per prompt: several times
+        faster for prompts of tens of tokens, whose forward is mostly per-layer overhead), then give each its own
+        1-row cache; returns the tokens run, padding included. If the forward fails (one bad prompt), they stay
+        waiting and are prefilled one by one, where a failure ends only its own request."""
+        prompts = [p.req.prompt for p in group]
+        t = max(map(len, prompts))
+        ids = torch.tensor([[0] * (t - len(q)) + q for q in prompts], device=self.model.device)  # [k, t]
+        mask = torch.tensor([[0] * (t - len(q)) + [1] * len(q) for q in prompts], device=self.model.device)
+        cache = self.model.new_cache(len(group), capacity=t)
+        try:
+            logits = prefill(self.model, ids, cache, mask)[:, -1]  # [k, vocab]
+        except Exception:  # noqa: BLE001 - retried alone, where the error reaches its own client
+            return 0
+        self.metrics.prefilled_tokens.inc(sum(map(len, prompts)))
+        for i, p in enumerate(group):
+            state = cache.row_state(i)  # its real tokens' slots only
+            p.cache = HybridCache.from_row(self.model.config, state, len(p.req.prompt) + p.req.max_tokens)
+            p.logits, p.done, p.stops = logits[i:i + 1], len(p.req.prompt), []
+            self._keep(p.req.prompt, state)
+            self._prefills.remove(p)
+            self._guarded([p.req], self._start, p)
+        return len(group) * t
 
     def _score(self, p: _Prefill, s: int, e: int, logits: Tensor) -> None:
         """Score prompt tokens up to e from the logits [e-s, vocab] of positions s..e-1 (the row before s: kept)."""
