@@ -232,3 +232,20 @@ def test_the_engine_steps_through_the_graph_decoder_generate_chooses(model, monk
     monkeypatch.setattr(graphs, "wanted", lambda model: False)
     for (prompt, n), (tokens, _, _) in zip(specs, results):
         assert tokens == alone(model, prompt, n)
+
+
+def test_short_prompts_waiting_together_are_prefilled_in_one_forward(model, monkeypatch):
+    groups = []
+    together = Engine._prefill_together
+    monkeypatch.setattr(Engine, "_prefill_together",
+                        lambda self, group: groups.append(len(group)) or together(self, group))
+    g = torch.Generator().manual_seed(6)
+    specs = [(torch.randint(3, 128, (2 + 5 * i,), generator=g).tolist(), 5, {}) for i in range(6)]
+    engine = Engine(model, max_batch=6, prefix_cache_bytes=2**24).start()
+    try:
+        results = run(engine, *specs)
+    finally:
+        engine.stop()
+    assert groups and max(groups) >= 2
+    for (prompt, n, _), (tokens, _, _) in zip(specs, results):
+        assert tokens == alone(model, prompt, n)

@@ -265,9 +265,8 @@ class Engine:
         return group
 
     def _prefill_together(self, group: list[_Prefill]) -> int:
-        """Prefill short prompts as one left-padded batch (one forward instead of one per prompt: several times
-        faster for prompts of tens of tokens, whose forward is mostly per-layer overhead), then give each its own
-        1-row cache; returns the tokens run, padding included. If the forward fails (one bad prompt), they stay
+        """Prefill short prompts as one left-padded batch (one forward instead of one per prompt: a forward over
+        tens of tokens is mostly per-layer overhead), then give each its own 1-row cache; returns the tokens run, padding included. If the forward fails (one bad prompt), they stay
         waiting and are prefilled one by one, where a failure ends only its own request."""
         prompts = [p.req.prompt for p in group]
         t = max(map(len, prompts))
