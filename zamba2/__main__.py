@@ -128,9 +128,10 @@ def cmd_serve(args) -> None:
     from .serve.server import Limits
 
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_n=args.max_n,
-                    max_body_bytes=args.max_body_bytes)
+                    max_body_bytes=args.max_body_bytes, prefix_cache_mb=args.prefix_cache_mb,
+                    prefill_chunk=args.prefill_chunk)
     serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits, args.int8,
-          args.int4)
+          args.int4, args.api_key or os.environ.get("ZAMBA2_API_KEY") or None, args.drain_timeout)
 
 
 def cmd_eval_perplexity(args) -> None:
@@ -305,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt) accepted (default 16)")
     s.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
                    help="larger request bodies get 413 (default 8 MiB)")
+    s.add_argument("--prefix-cache-mb", type=int, default=1024,
+                   help="memory for snapshots of finished requests' states, restored exactly when a prompt starts "
+                        "with their tokens (chat turns, shared system prompts); 0 turns it off (default 1024)")
+    s.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled per engine step while other sequences decode: smaller keeps their "
+                        "inter-token latency low, larger prefills a long prompt faster (default 256)")
+    # operating it
+    s.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every route but /health (default: $ZAMBA2_API_KEY; "
+                        "set one before binding beyond loopback)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests may take to finish before the exit (default 30)")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="perplexity, or lm-evaluation-harness tasks on the model")

@@ -19,14 +19,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(folder, name, *flags):
-    """Start `zamba2 serve` on `folder` and wait until /health answers; returns (process, base url)."""
+def start_server(folder, name, *flags, env: dict | None = None):
+    """Start `zamba2 serve` on `folder` and wait until /health answers; returns (process, base url).
+    `output(process)` reads what it printed so far."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it while the server runs
     proc = subprocess.Popen([sys.executable, "-m", "zamba2", "serve", "--model", str(folder), "--port", str(port),
                              "--served-model-name", name, *flags], env=env, stdout=log, stderr=subprocess.STDOUT,
                             text=True)
+    proc.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -40,3 +42,9 @@ def start_server(folder, name, *flags):
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("the server did not come up in 60 s")
+
+
+def output(proc) -> str:
+    """What a server started by `start_server` printed so far (stdout and stderr)."""
+    fd = proc.log.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode()  # pread: the offset the server writes at stays put

@@ -123,3 +123,129 @@ def test_a_failing_request_does_not_stop_the_engine(model):
         assert good.wait()[1] == "length"
     finally:
         engine.stop()
+
+
+def run(engine, *requests):
+    """Submit (prompt, max_tokens, kwargs) requests together; returns each one's (tokens, finish, prompt logprobs)."""
+    collectors = [Collector() for _ in requests]
+    engine.submit(*[Request(p, n, c, **kw) for (p, n, kw), c in zip(requests, collectors)])
+    return [c.wait()[:3] for c in collectors]
+
+
+def test_prefix_cache_hits_are_exact_multi_turn_and_sampled(model):
+    """Turn after turn, each prompt extends the last prompt + completion: every turn restores a snapshot, and
+    what it generates (greedy or seeded) equals generate alone. Pieces of 7 tokens interleave with decoding."""
+    engine = Engine(model, max_batch=4, prefix_cache_bytes=2**26, prefill_chunk=7).start()
+    g = torch.Generator().manual_seed(3)
+    try:
+        talks = [torch.randint(3, 128, (5 + 9 * i,), generator=g).tolist() for i in range(3)]
+        for turn in range(3):
+            specs = [(t, 6, dict(temperature=0.8, top_k=20, seed=i) if i == 2 else {}) for i, t in enumerate(talks)]
+            for (prompt, n, kw), (tokens, finish, _) in zip(specs, run(engine, *specs)):
+                assert tokens == alone(model, prompt, n, **kw) and finish == "length"
+            talks = [t + tokens + torch.randint(3, 128, (4,), generator=g).tolist()
+                     for t, (tokens, _, _) in zip(talks, run(engine, *specs))]  # the same answers again: all hit
+        hits, lookups = engine.metrics.cache_hits._value.get(), engine.metrics.cache_lookups._value.get()
+        # the first turn misses twice: a snapshot at a prompt's very end cannot serve the same prompt again (its
+        # last token must run, for the logits of the first new token)
+        assert lookups == 18 and hits == 12
+        prefilled = engine.metrics.prefilled_tokens._value.get()
+        assert prefilled < 0.5 * engine.metrics.prompt_tokens._value.get()
+    finally:
+        engine.stop()
+
+
+def test_echo_logprobs_with_hits_equal_the_forward(model):
+    """lm-eval's loglikelihood: many continuations of one context, with echo + logprobs. The second request
+    leaves a snapshot at the context's end (the branch point), the others hit it; every prompt score is exact."""
+    engine = Engine(model, prefix_cache_bytes=2**26).start()
+    g = torch.Generator().manual_seed(4)
+    context = torch.randint(3, 128, (40,), generator=g).tolist()
+    prompts = [context + torch.randint(3, 128, (3 + i,), generator=g).tolist() for i in range(5)]
+    try:
+        results = [run(engine, (p, 0, dict(logprobs=3, echo_logprobs=True)))[0] for p in prompts]
+        assert engine.metrics.cache_hits._value.get() == 3
+        plain = run(engine, (prompts[0] + [5, 6], 2, {}))  # a plain request hits a scored snapshot too
+        assert plain[0][0] == alone(model, prompts[0] + [5, 6], 2)
+    finally:
+        engine.stop()
+    for prompt, (_, finish, scores) in zip(prompts, results):
+        with torch.no_grad():
+            lp = model(torch.tensor([prompt]))[0].log_softmax(-1)  # [t, vocab]
+        assert finish == "length" and scores[0] is None and len(scores) == len(prompt)
+        for i in range(1, len(prompt)):
+            chosen, top = scores[i]
+            assert chosen == pytest.approx(float(lp[i - 1, prompt[i]]), abs=1e-4)
+            assert [t for t, _ in top] == lp[i - 1].topk(3).indices.tolist()
+
+
+def test_prefix_cache_restores_exact_states_and_keeps_its_budget(model):
+    from zamba2.model.cache import HybridCache
+    from zamba2.serve.prefix_cache import PrefixCache
+
+    def state_after(tokens):
+        cache = model.new_cache(1)
+        with torch.no_grad():
+            model(torch.tensor([tokens]), cache=cache)
+        return cache.row_state(0)
+
+    a, b = list(range(3, 40)), list(range(3, 20)) + list(range(60, 90))
+    sa, sb = state_after(a), state_after(b)
+    per_token = sum(k.nbytes + v.nbytes for k, v in zip(sa.keys.values(), sa.values.values())) // len(a)
+    pc = PrefixCache(sa.nbytes + sb.nbytes + 10 * per_token)  # a and b fit (they share 17 tokens of KV), not a third
+    pc.insert(a, sa)
+    pc.insert(b, sb)  # splits a's edge after 17 tokens
+    assert pc.lookup(a + [1], 38).depth == len(a) and pc.lookup(a, len(a) - 1).depth == 0
+    hit = pc.lookup(b + [7, 8], 100)
+    assert hit.depth == len(b) and hit.branch == len(b)
+    restored = HybridCache.from_row(model.config, hit.state, 64)
+    assert all(torch.equal(x, y) for x, y in zip(restored.conv + restored.ssm, sb.conv + sb.ssm))
+    for j in sb.keys:  # KV assembled from the two edges of b's path
+        assert torch.equal(restored.keys[j][:, :, :len(b)], sb.keys[j])
+        assert torch.equal(restored.values[j][:, :, :len(b)], sb.values[j])
+    assert restored.length == len(b) and int(restored.positions[0]) == len(b)
+    assert pc.lookup(list(range(3, 25)) + [1, 1], 30).branch == 22  # shares 22 tokens with a, no snapshot there
+    pc.insert(list(range(80, 120)), state_after(list(range(80, 120))))  # over budget: the LRU one (a) goes
+    assert pc.lookup(a + [1], 38).depth == 0 and pc.lookup(b + [1], 99).depth == len(b)
+    assert len(pc.snapshots) == 2 and pc.nbytes <= pc.max_bytes
+    for node in list(pc.snapshots):
+        pc._evict(node)
+    assert pc.nbytes == 0 and not pc.root.children
+
+
+def test_the_engine_steps_through_the_graph_decoder_generate_chooses(model, monkeypatch):
+    """On a GPU the engine decodes through a CUDA-graph step per batch-size bucket, chosen by the decoder choice
+    `stream` uses (generate.decoder). Forced here on the CPU, where the graph's static step runs without a graph:
+    rows joining and leaving (re-padded to a power of two each time) still give what generate gives alone."""
+    from zamba2.infer import graphs
+
+    monkeypatch.setattr(graphs, "wanted", lambda model: True)
+    g = torch.Generator().manual_seed(5)
+    specs = [(torch.randint(3, 128, (3 + 4 * i,), generator=g).tolist(), 4 + 3 * i) for i in range(5)]
+    engine = Engine(model, max_batch=5, prefix_cache_bytes=2**24, prefill_chunk=8).start()
+    try:
+        results = run(engine, *[(p, n, {}) for p, n in specs])
+    finally:
+        engine.stop()
+    buckets = {b for b, _ in graphs._DECODERS[model][1]}
+    assert buckets <= {1, 2, 4, 8} and buckets & {4, 8}  # 3 or 5 rows ran padded to 4 or 8
+    monkeypatch.setattr(graphs, "wanted", lambda model: False)
+    for (prompt, n), (tokens, _, _) in zip(specs, results):
+        assert tokens == alone(model, prompt, n)
+
+
+def test_short_prompts_waiting_together_are_prefilled_in_one_forward(model, monkeypatch):
+    groups = []
+    together = Engine._prefill_together
+    monkeypatch.setattr(Engine, "_prefill_together",
+                        lambda self, group: groups.append(len(group)) or together(self, group))
+    g = torch.Generator().manual_seed(6)
+    specs = [(torch.randint(3, 128, (2 + 5 * i,), generator=g).tolist(), 5, {}) for i in range(6)]
+    engine = Engine(model, max_batch=6, prefix_cache_bytes=2**24).start()
+    try:
+        results = run(engine, *specs)
+    finally:
+        engine.stop()
+    assert groups and max(groups) >= 2
+    for (prompt, n, _), (tokens, _, _) in zip(specs, results):
+        assert tokens == alone(model, prompt, n)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -67,6 +67,38 @@ def decode_step(model: Zamba2LM, tokens: Tensor, cache) -> Tensor:
     return model(tokens[:, None], cache=cache, logits_to_keep=1)[:, -1]
 
 
+class _Eager:
+    """decode_step over a cache it is handed (the decoder off a GPU); the same methods as graphs.GraphDecoder."""
+
+    def __init__(self, model: Zamba2LM, batch_size: int):
+        self.model, self.batch_size, self.cache = model, batch_size, None
+
+    def load(self, cache) -> None:
+        self.cache = cache  # stepped in place: nothing to copy
+
+    def step(self, tokens: Tensor) -> Tensor:
+        return decode_step(self.model, tokens, self.cache)
+
+    def take(self, rows: int):
+        return self.cache
+
+
+@contextmanager
+def decoder(model: Zamba2LM, batch_size: int, needed: int, steps: int = 2, bucket: bool = False) -> Iterator:
+    """How the decode steps of `batch_size` rows needing up to `needed` KV slots run, chosen in one place for
+    `stream` and the server's engine: a CUDA graph replay on a GPU (graphs.py; its own copy of the cache), else
+    decode_step on the cache itself. `load(cache)` a prefilled cache, `step(tokens)` -> logits [b, vocab],
+    `take(rows)` the cache the steps advanced. Fewer than 2 `steps` would not repay a graph's capture. `bucket`:
+    a graph serves a batch size rounded up to a power of two (its `batch_size`; the caller pads), so that a batch
+    whose size changes often reuses a few graphs."""
+    if steps < 2:
+        yield _Eager(model, batch_size)
+        return
+    rows = 1 << (batch_size - 1).bit_length() if bucket else batch_size
+    with graphs.claim(model, rows, needed) as graph:
+        yield graph if graph is not None else _Eager(model, batch_size)
+
+
 @torch.inference_mode()
 def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
@@ -75,8 +107,8 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
     """Yield the next token of every sequence ([b]) as it is produced; finished sequences yield pad.
 
     The prompt is prefilled in pieces of `prefill_chunk` tokens through the cache, so the memory a
-    long prompt needs beyond its KV cache is bounded by the piece, not by the prompt. On a GPU the
-    decode steps replay a CUDA graph (graphs.py).
+    long prompt needs beyond its KV cache is bounded by the piece, not by the prompt. The decode steps run as
+    `decoder` chooses (a CUDA graph replay on a GPU).
     """
     cfg = model.config
     input_ids = torch.as_tensor(input_ids, device=model.device)
@@ -98,10 +130,8 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
     cache = model.new_cache(b, capacity=t + max_new_tokens)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
     logits = prefill(model, input_ids, cache, attention_mask, prefill_chunk=prefill_chunk)[:, -1]
-    with graphs.claim(model, b, t + max_new_tokens) if max_new_tokens > 1 else nullcontext() as graph:  # a GPU's
-        if graph is not None:
-            graph.load(cache)
-            cache = None  # the graph decodes from its own copy
+    with decoder(model, b, t + max_new_tokens, steps=max_new_tokens) as dec:
+        dec.load(cache)
         for _ in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, gen)
             token = torch.where(done, torch.full_like(token, pad), token)
@@ -109,7 +139,7 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
             done |= torch.isin(token, eos)
             if bool(done.all()):
                 return
-            logits = graph.step(token) if graph is not None else decode_step(model, token, cache)
+            logits = dec.step(token)
 
 
 def generate(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,

@@ -17,6 +17,7 @@ KV cache). ZAMBA2_CUDA_GRAPHS=0 turns them off.
 
 from __future__ import annotations
 
+import copy
 import os
 import weakref
 from collections.abc import Iterator
@@ -100,6 +101,17 @@ class GraphDecoder:
         mine.positions.copy_(cache.positions)
         mine.length = n
 
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size
+
+    def take(self, rows: int) -> HybridCache:
+        """The first `rows` rows of the cache the steps advanced, as a cache of their own (the serving engine's
+        batch changes between runs of steps; this decoder's cache must keep its addresses)."""
+        out = copy.copy(self.cache)  # shallow: select below rebinds out's tensors, not the decoder's
+        out.select(torch.arange(rows, device=self.tokens.device))
+        return out
+
     def step(self, tokens: Tensor) -> Tensor:
         """tokens [b] -> logits [b, vocab] (on a GPU, a buffer the next step overwrites)."""
         if self.cache.length >= self.cache.capacity:
@@ -116,13 +128,19 @@ class GraphDecoder:
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (ModuleTree, {(b, cap): decoder})
 
 
+def wanted(model: Zamba2LM) -> bool:
+    """Whether decode steps replay graphs: on a GPU unless turned off (tests force it on the CPU, where the static
+    step runs without a graph)."""
+    return ENABLED and model.device.type == "cuda"
+
+
 @contextmanager
 def claim(model: Zamba2LM, batch_size: int, needed: int) -> Iterator[GraphDecoder | None]:
     """A GraphDecoder for `batch_size` rows and at least `needed` KV slots, held for the block; None when not on a
     GPU, turned off, or the decoder is held already (by another generator still running: the caller decodes
     eagerly). Decoders are rebuilt when a module or parameter of the model was replaced (the graph holds their
     addresses)."""
-    if not (ENABLED and model.device.type == "cuda"):
+    if not wanted(model):
         yield None
         return
     tree, kept = _DECODERS.get(model, (None, {}))

@@ -16,11 +16,29 @@ Multi-token continuation is supported: a forward with a warm cache starts the ch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Config
+
+
+@dataclass
+class RowState:
+    """One sequence's whole cache, compact (its valid KV slots only): what a prefix cache keeps and restores."""
+
+    conv: list[Tensor]  # per layer [1, conv_dim, d_conv-1]
+    ssm: list[Tensor]  # per layer [1, h, p, n] float32
+    keys: dict[int, Tensor]  # per hybrid layer [1, kv_heads, tokens, head_dim]
+    values: dict[int, Tensor]
+    position: int  # tokens seen: the RoPE position of the next one
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.conv, *self.ssm, *self.keys.values(), *self.values.values()]
+        return sum(t.nbytes for t in tensors)
 
 
 class HybridCache:
@@ -117,6 +135,29 @@ class HybridCache:
             self.values = {i: t[:, :, first:] for i, t in self.values.items()}
             self.valid = self.valid[:, first:]
             self.length -= first
+
+    def row_state(self, i: int) -> RowState:
+        """A copy of row i's state, its KV gathered from the slots it uses (they may start after left padding)."""
+        used = self.valid[i, :self.length].nonzero()[:, 0]  # [tokens] slot indices
+        return RowState([t[i:i + 1].clone() for t in self.conv], [t[i:i + 1].clone() for t in self.ssm],
+                        {j: t[i:i + 1, :, used] for j, t in self.keys.items()},
+                        {j: t[i:i + 1, :, used] for j, t in self.values.items()}, int(self.positions[i]))
+
+    @classmethod
+    def from_row(cls, config: Config, state: RowState, capacity: int = 0) -> "HybridCache":
+        """A 1-row cache continuing from `state` (copied: the cache never aliases it), with room for `capacity` slots."""
+        n = next(iter(state.keys.values())).shape[2] if state.keys else state.position
+        conv0 = state.conv[0]
+        cache = cls(config, 1, conv0.device, conv0.dtype, max(capacity, n))
+        for dst, src in zip(cache.conv + cache.ssm, state.conv + state.ssm):
+            dst.copy_(src)
+        for j in cache.keys:
+            cache.keys[j][:, :, :n] = state.keys[j]
+            cache.values[j][:, :, :n] = state.values[j]
+        cache.valid[:, :n] = True
+        cache.positions.fill_(state.position)
+        cache.length = n
+        return cache
 
     def reset(self) -> None:
         for t in self.conv + self.ssm:

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI): routes only, over one `Server` (server.py).
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, and vLLM's
-POST /tokenize, POST /detokenize and GET /tokenizer_info (lm-eval's `local-completions` uses the last
-three as its "remote" tokenizer). A route parses and bounds the body (`Limits.max_body_bytes`), hands
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics
+(Prometheus), and vLLM's POST /tokenize, POST /detokenize and GET /tokenizer_info (lm-eval's
+`local-completions` uses the last three as its "remote" tokenizer). Every request first passes the `Gate`
+(middleware.py: request id, API key, drain, access log). A route parses and bounds the body (`Limits.max_body_bytes`), hands
 the request to the Server and shapes the response; a streamed one goes through `_stream`, the one
 loop for both endpoints. Prompts are tokenized in a worker thread, so a long one never stalls the event
 loop (and /health).
@@ -12,17 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from .choice import Choice
+from .middleware import Gate
 from .protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, usage
 from .server import Limits, Server, encode_prompts
 
@@ -78,7 +83,7 @@ async def _stream(server: Server, choices: list[Choice], queue: asyncio.Queue, e
     yield _sse("[DONE]")
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server, api_key: str | None = None) -> FastAPI:
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -106,6 +111,10 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", **server.engine.load}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
@@ -252,20 +261,65 @@ def create_app(server: Server) -> FastAPI:
                              "finish_reason": c.finish} for c in choices],
                 "usage": usage_of()}
 
+    app.add_middleware(Gate, server=server, routes={r.path for r in app.routes}, api_key=api_key)
     return app
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "cpu",
-          name: str | None = None, limits: Limits | None = None, int8: bool = False, int4: bool = False) -> None:
-    """Load a checkpoint and serve it with uvicorn until interrupted."""
-    import uvicorn
-
+          name: str | None = None, limits: Limits | None = None, int8: bool = False, int4: bool = False,
+          api_key: str | None = None, drain_timeout: float = 30.0) -> None:
+    """Load a checkpoint and serve it with uvicorn until interrupted (SIGINT) or drained (SIGTERM)."""
+    from ..infer.generate import generate
     from ..infer.load import load_for_inference
     from ..ops import kernels
 
     model, tokenizer = load_for_inference(model_path, dtype, device, int8, int4)
     if model.device.type == "cpu":
         kernels.get()  # built or loaded now, before the server reports healthy, never inside a request
+    generate(model, [[model.config.bos_token_id or 0]], 2)  # first-call costs (compiled step, allocator) paid here
     server = Server(model, tokenizer, model_path, name or Path(model_path).resolve().name, limits)
-    print(f"zamba2 serve: {server.name} on http://{host}:{port}/v1 (max batch {server.limits.max_batch})", flush=True)
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    _log_access()
+    config = uvicorn.Config(create_app(server, api_key), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=5)
+    auth = "API key required" if api_key else "no API key"
+    print(f"zamba2 serve: {server.name} on http://{host}:{port}/v1 (max batch {server.limits.max_batch}, {auth})",
+          flush=True)
+    _Draining(config, server, drain_timeout).run()
+
+
+class _Draining(uvicorn.Server):
+    """uvicorn's server, except that SIGTERM drains first: new requests get 503 (middleware.Gate), the running
+    ones finish for up to `timeout` seconds (the engine then ends what is left with an error), then uvicorn shuts
+    down and the process exits 0. A second SIGTERM, or SIGINT, stops at once as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, server: Server, timeout: float):
+        super().__init__(config)
+        self.server, self.timeout = server, timeout
+
+    def handle_exit(self, sig, frame):
+        if sig != signal.SIGTERM or self.server.draining:
+            return super().handle_exit(sig, frame)
+        self.server.draining = True
+        threading.Thread(target=self._drain, name="zamba2-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self.server.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cut = self.server.in_flight
+        self.server.engine.stop()  # what is still running ends with "the server is shutting down"
+        print(f"zamba2 serve: drained ({cut} requests cut short)", flush=True)
+        self.should_exit = True
+
+
+def _log_access() -> None:
+    """One line per request on stdout (middleware.Gate writes it)."""
+    import logging
+    import sys
+
+    log = logging.getLogger("zamba2.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False

@@ -18,12 +18,13 @@ class APIError(Exception):
     """An error for the client, rendered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.kind = message, status, param, kind
+        self.code = code or status  # OpenAI names some codes ("invalid_api_key"); else the status
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 class _Strict(BaseModel):

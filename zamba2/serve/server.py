@@ -20,6 +20,7 @@ from ..text.tokenizer import Tokenizer
 from .choice import Choice
 from .engine import Engine, Event, QueueFull
 from .engine import Request as EngineRequest
+from .metrics import Metrics
 from .protocol import APIError
 
 
@@ -30,6 +31,8 @@ class Limits:
     max_n: int = 16  # choices per prompt
     max_prompts: int = 64  # prompts per /v1/completions call
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413 (a 32k-token prompt is about 150 KB of text)
+    prefix_cache_mb: int = 1024  # snapshots of finished requests' states kept for reuse (0: off)
+    prefill_chunk: int = 256  # prompt tokens prefilled per engine iteration while other rows decode
 
 
 class Server:
@@ -42,8 +45,12 @@ class Server:
         self.template = ChatTemplate(config, self.codec)
         self.eos = model.config.eos_token_ids
         self.defaults = _generation_defaults(folder)
-        self.engine = Engine(model, self.limits.max_batch, self.limits.max_queue)
+        self.metrics = Metrics()
+        self.engine = Engine(model, self.limits.max_batch, self.limits.max_queue, self.metrics,
+                             self.limits.prefix_cache_mb * 2**20, self.limits.prefill_chunk)
         self.created = int(time.time())
+        self.draining = False  # set on SIGTERM (app.serve): new requests get 503
+        self.in_flight = 0  # HTTP requests inside a route (middleware.Gate counts them)
 
     # --- requests -> engine requests --------------------------------------------------------------
 
