@@ -60,6 +60,16 @@ def test_quantize_writes_a_folder_every_command_loads(checkpoint, tmp_path):
     assert out.returncode == 2 and "holds int4 weights already" in out.stderr
 
 
+def test_generate_with_a_draft_or_prompt_lookup_prints_the_same_text(checkpoint):
+    plain = run("generate", "--model", str(checkpoint), "--prompt", "a b c a b c a b", "--max-new-tokens", "8",
+                "--ignore-eos")
+    assert plain.returncode == 0, plain.stderr
+    for flags in (["--prompt-lookup"], ["--draft", str(checkpoint), "--draft-int8", "--num-speculative", "3"]):
+        out = run("generate", "--model", str(checkpoint), "--prompt", "a b c a b c a b", "--max-new-tokens", "8",
+                  "--ignore-eos", *flags)
+        assert out.returncode == 0 and out.stdout == plain.stdout, out.stderr
+
+
 def test_bad_input_gives_a_message_not_a_traceback(checkpoint, tmp_path):
     out = run("generate", "--model", str(tmp_path), "--prompt", "x")
     assert out.returncode == 2 and "no config.json" in out.stderr and "Traceback" not in out.stderr
@@ -128,6 +138,8 @@ BAD_INPUTS = [  # (what, command line with {root} and {ckpt}, words the one line
     ("sampling", "generate --model {ckpt} --prompt x --temperature nan", "temperature = nan"),
     ("sampling", "generate --model {ckpt} --prompt x --top-p 1.5", "top_p = 1.5"),
     ("sampling", f"generate --model {{ckpt}} --prompt x --temperature 1 --seed {2**64}", "seed = 18446744073709551616"),
+    ("speculative", "generate --model {ckpt} --prompt x --prompt-lookup --num-speculative -1", "num_speculative = -1"),
+    ("speculative", "generate --model {ckpt} --prompt x --num-speculative 2", "num_speculative needs a draft"),
     ("device", "generate --model {ckpt} --prompt x --device banana", "device 'banana': expected cpu, cuda"),
     ("device", "generate --model {ckpt} --prompt x --device cuda:99", "CUDA GPU"),  # none here, or fewer than 100
     ("tokenizer", "prepare {root}/random.bin --out {root}/d --tokenizer {root}/tokenizer.json",

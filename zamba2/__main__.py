@@ -29,13 +29,17 @@ def cmd_generate(args) -> None:
     from .infer.load import load_for_inference
 
     model, tok = load_for_inference(args.model, args.dtype, args.device, args.int8, args.int4)
+    draft = "prompt-lookup" if args.prompt_lookup else None
+    if args.draft:
+        draft = load_for_inference(args.draft, args.dtype, args.device, args.draft_int8)[0]
     ids = tok.encode(args.prompt)
     push = tok.stream_decoder()
     for i in ids:  # feed the prompt so the continuation decodes in context (leading spaces, split characters)
         push(i)
     eos = model.config.eos_token_ids if not args.ignore_eos else None
     for token in stream(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed):
+                        top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed, draft=draft,
+                        num_speculative=args.num_speculative):
         if eos and int(token[0]) in eos:
             break
         sys.stdout.write(push(int(token[0])))
@@ -241,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     add_quant_flags(g)
+    # speculative decoding (batch 1; same output as without it)
+    spec = g.add_mutually_exclusive_group()
+    spec.add_argument("--draft", default=None, metavar="MODEL",
+                      help="a smaller checkpoint with the same tokenizer proposes tokens the model checks in one "
+                           "forward (e.g. Zamba2-1.2B for the 7B, or the model itself with --draft-int8)")
+    spec.add_argument("--prompt-lookup", action="store_true",
+                      help="propose the tokens that followed the last few tokens earlier in the prompt or output: "
+                           "no second model; for output that repeats its input (summaries, edits, code)")
+    g.add_argument("--draft-int8", action="store_true", help="the --draft model with int8 weight-only matmuls")
+    g.add_argument("--num-speculative", type=int, default=None, metavar="K",
+                   help="propose K tokens every step (default: adaptive, 0 to 4 by measured acceptance and speed)")
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quantize", help="write a checkpoint with int8 or int4 weights, which every command loads as is")

@@ -21,12 +21,10 @@ PREFILL_CHUNK = 512
 GPU_PREFILL_CHUNK = 4096  # on a GPU each piece costs ~60 kernel launches per layer: fewer, longer pieces
 
 
-def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> Tensor:
-    """logits [b, vocab] -> token ids [b]. Greedy at temperature 0; otherwise top-k, then nucleus (top-p)."""
-    check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
-        return logits.argmax(-1)
+def probabilities(logits: Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> Tensor:
+    """logits [b, vocab] -> the distribution `sample` draws from at temperature > 0 [b, vocab] float32:
+    temperature, then top-k, then nucleus (top-p). Speculative decoding filters target and draft alike with it."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -37,7 +35,16 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
         # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    return logits.softmax(-1)
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """logits [b, vocab] -> token ids [b]. Greedy at temperature 0; otherwise top-k, then nucleus (top-p)."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
 
 
 def prefill(model: Zamba2LM, input_ids: Tensor, cache, attention_mask: Tensor | None = None,
@@ -103,12 +110,15 @@ def decoder(model: Zamba2LM, batch_size: int, needed: int, steps: int = 2, bucke
 def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
            attention_mask: Tensor | None = None, seed: int | None = None,
-           prefill_chunk: int | None = None) -> Iterator[Tensor]:
+           prefill_chunk: int | None = None, draft=None, num_speculative: int | None = None) -> Iterator[Tensor]:
     """Yield the next token of every sequence ([b]) as it is produced; finished sequences yield pad.
 
     The prompt is prefilled in pieces of `prefill_chunk` tokens through the cache, so the memory a
     long prompt needs beyond its KV cache is bounded by the piece, not by the prompt. The decode steps run as
     `decoder` chooses (a CUDA graph replay on a GPU).
+
+    `draft` (a smaller model with the same vocabulary, or "prompt-lookup") turns on speculative decoding
+    (speculative.py, batch 1): up to `num_speculative` proposed tokens checked per forward, same outputs.
     """
     cfg = model.config
     input_ids = torch.as_tensor(input_ids, device=model.device)
@@ -127,6 +137,15 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
                        device=model.device, dtype=torch.long)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    if draft is not None:
+        from . import speculative  # it builds on this module
+
+        if max_new_tokens:
+            yield from speculative.stream(model, input_ids, max_new_tokens, draft, num_speculative, temperature, top_k,
+                                          top_p, set(eos.tolist()), gen, attention_mask, prefill_chunk)
+        return
+    if num_speculative is not None:
+        raise UserError("num_speculative needs a draft (a model or 'prompt-lookup')")
     cache = model.new_cache(b, capacity=t + max_new_tokens)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
     logits = prefill(model, input_ids, cache, attention_mask, prefill_chunk=prefill_chunk)[:, -1]
@@ -145,11 +164,12 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
 def generate(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
              attention_mask: Tensor | None = None, seed: int | None = None,
-             prefill_chunk: int | None = None) -> Tensor:
-    """Token ids [b, prompt + new]. Stops per sequence at EOS (pads after it) and when all have stopped."""
+             prefill_chunk: int | None = None, draft=None, num_speculative: int | None = None) -> Tensor:
+    """Token ids [b, prompt + new]. Stops per sequence at EOS (pads after it) and when all have stopped.
+    `draft`, `num_speculative`: speculative decoding, as in `stream`."""
     input_ids = torch.as_tensor(input_ids, device=model.device)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                      attention_mask, seed, prefill_chunk))
+                      attention_mask, seed, prefill_chunk, draft, num_speculative))
     return torch.cat([input_ids, torch.stack(new, 1)], dim=1) if new else input_ids

@@ -12,6 +12,8 @@ Bookkeeping:
 
 Multi-token continuation is supported: a forward with a warm cache starts the chunked scan from
 `ssm`, the conv from `conv`, and appends to the KV, so a prompt prefilled in pieces equals one prefill.
+`snapshot` / `restore` take it back to an earlier point (speculative decoding's rejected tokens): the Mamba
+states cannot be truncated like a KV cache, but they are small enough to copy.
 """
 
 from __future__ import annotations
@@ -159,9 +161,31 @@ class HybridCache:
         cache.length = n
         return cache
 
+    def snapshot(self) -> "CacheSnapshot":
+        """The point to come back to after a forward over tokens that may be rejected (speculative decoding):
+        copies of the Mamba states (constant size, whatever the length) and the KV bookkeeping."""
+        return CacheSnapshot([t.clone() for t in self.conv], [t.clone() for t in self.ssm], self.length,
+                             self.positions.clone())
+
+    def restore(self, snap: "CacheSnapshot") -> None:
+        """Return to `snap`, taken on this cache: the Mamba states as they were, the KV slots written since
+        dropped (marked invalid, then overwritten by the next forward). Rows must not have changed since."""
+        for t, saved in zip(self.conv + self.ssm, snap.conv + snap.ssm):
+            t.copy_(saved)  # in place: whoever holds these tensors (a compiled decoder, a graph) sees the change
+        self.valid[:, snap.length:self.length] = False
+        self.length = snap.length
+        self.positions.copy_(snap.positions)
+
     def reset(self) -> None:
         for t in self.conv + self.ssm:
             t.zero_()
         self.valid.zero_()
         self.positions.zero_()
         self.length = 0
+
+
+class CacheSnapshot:
+    """What HybridCache.restore needs: conv/ssm copies per layer, the KV length and the RoPE positions."""
+
+    def __init__(self, conv: list[Tensor], ssm: list[Tensor], length: int, positions: Tensor):
+        self.conv, self.ssm, self.length, self.positions = conv, ssm, length, positions
