@@ -92,7 +92,8 @@ class PrefixCache:
 
     def lookup(self, tokens: list[int], limit: int, need_scores: bool = False) -> Hit:
         """The deepest snapshot of at most `limit` tokens that `tokens` start with (with scores all along its path
-        and the logprobs after it, if `need_scores`), restored as a copy."""
+        and the logprobs after it, if `need_scores`). Its state shares the tree's conv/SSM tensors: restore it with
+        HybridCache.from_row, which copies."""
         node, depth, best, best_depth, scored = self.root, 0, None, 0, True
         while depth < limit:
             child = node.children.get(tokens[depth])
