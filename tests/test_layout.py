@@ -59,3 +59,11 @@ def test_no_import_cycle():
         if m not in state:
             visit(m, [m])
     assert cycles == []
+
+
+def test_the_model_reaches_hardware_only_through_its_layers_and_mixer_backends():
+    """The model file reads as plain torch: its projections and norms (ops.layers) and its mixer's compiled kernels
+    (ops.mixer) are plugged in from ops/, which alone imports the kernels themselves."""
+    plugged = {"zamba2.ops.layers", "zamba2.ops.mixer"}
+    reached = {t for m, targets in imports().items() if layer(m) == "model" for t in targets if layer(t) == "ops"}
+    assert reached <= plugged

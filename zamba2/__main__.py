@@ -167,24 +167,12 @@ def cmd_data(args) -> None:
     if args.data_command == "run":
         cfg = PipelineConfig.from_toml(args.pipeline, executor=args.executor, workers=args.workers)
     else:  # one stage on its own, over the sources given on the command line
-        sources = [{"name": "input", "paths": args.inputs}] if args.inputs else []
-        for spec in args.source or []:
-            name, sep, pattern = spec.partition("=")
-            if not sep or not name or not pattern:
-                raise UserError(f"--source takes NAME=GLOB, not {spec!r}")
-            sources.append({"name": name, "paths": [pattern]})
-        stages = {"filter": ["normalize", "filter"], "dedup": ["dedup"], "classify": ["classify"],
-                  "tokenize": ["tokenize"]}[args.data_command]
-        d = {"source": sources, "stages": stages, "out": args.out, "work": args.work or f"{args.out.rstrip('/')}.work",
-             "executor": args.executor or "serial", "workers": args.workers or 0, "shard_docs": args.shard_docs}
-        if args.data_command == "dedup":
-            d["dedup"] = {"preset": args.preset, "mode": args.mode, "verify": args.verify,
-                          "exact": not args.no_exact, "near": not args.no_near}
-        if args.data_command == "classify":
-            d["classify"] = {"model": args.model, "keep_labels": args.keep_labels or [], "min_score": args.min_score}
-        if args.data_command == "tokenize":
-            d["tokenize"] = {"tokenizer": args.tokenizer}
-        cfg = PipelineConfig.from_dict(d)
+        options = {"dedup": dict(preset=args.preset, mode=args.mode, verify=args.verify, exact=not args.no_exact,
+                                 near=not args.no_near),
+                   "classify": dict(model=args.model, keep_labels=args.keep_labels or [], min_score=args.min_score),
+                   "tokenize": dict(tokenizer=args.tokenizer)}.get(args.data_command)
+        cfg = PipelineConfig.one_stage(args.data_command, args.inputs, args.source, args.out, args.work,
+                                       args.executor, args.workers, args.shard_docs, options)
     run(cfg)
 
 

@@ -58,8 +58,8 @@ def static_step(model: Zamba2LM, tokens: Tensor, slot: Tensor, cache: HybridCach
     rope = model.rope(cache.positions[:, None])
     cache.positions.add_(1)
     x = model.embed_tokens(tokens[:, None])  # [b,1,d]
-    ctx = Context(embeddings=x, mask=None, attn_mask=cache.valid[:, None, None, :], causal=False, rope=rope,
-                  cache=_AtSlot(cache, slot), start=None, doc=None, chunk_size=c.chunk_size)
+    ctx = Context(embeddings=x, chunk_size=c.chunk_size, attn_mask=cache.valid[:, None, None, :], rope=rope,
+                  cache=_AtSlot(cache, slot), start=None)
     return model.body(x, ctx)[:, 0]
 
 

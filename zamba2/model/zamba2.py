@@ -19,13 +19,14 @@ Legend: b batch, l/t sequence, d hidden, h heads, p head dim, n state size, g gr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import kernels
-from ..ops.layers import FUSED_DTYPES, Linear, RMSNorm, linear
+from ..ops.layers import Linear, RMSNorm, linear
+from ..ops.mixer import mamba_mixer
 from .cache import HybridCache
 from .config import Config
 from .ssd import ssd_chunked, ssd_step
@@ -91,23 +92,9 @@ class Mamba2Mixer(nn.Module):
         if mask is not None:  # padding contributes nothing (and, with dt = 0 below, does not decay the state)
             u = u * mask[..., None].to(u.dtype)
         zx = self.in_proj(u)  # [b,l, z | xBC | dt]
-        if l == 1 and ssm_state is not None and mask is None and zx.is_cuda and conv_state.is_contiguous():
-            from ..ops import gpu_kernels  # imports Triton, so only on a GPU
-
-            if (g := self.compiled(zx, gpu_kernels)) is not None:  # decode on a GPU: the Triton step
-                y = g.mamba_step(zx.view(b, -1), conv_state, ssm_state, *self.step_params())  # [b, d_inner]
-                return self.out_proj(y).view(b, 1, -1)
-        if (mask is None and doc is None and zx.dtype in FUSED_DTYPES
-                and (conv_state is None or conv_state.is_contiguous())
-                and (k := self.compiled(zx)) is not None):  # inference on the CPU: compiled
-            if l == 1 and ssm_state is not None:
-                y = k.mamba_step(zx.view(b, -1), conv_state, ssm_state, *self.step_params())  # [b, d_inner] float
-                return self.out_proj(y.to(u.dtype)).view(b, 1, -1)
-            if self.headdim % 8 == 0:
-                if conv_state is None:  # no cache: the states start at zero and are dropped
-                    conv_state = u.new_zeros(b, self.conv_dim, self.conv1d.kernel_size[0] - 1)
-                    ssm_state = u.new_zeros(b, self.heads, self.headdim, self.state, dtype=torch.float32)
-                return self.out_proj(k.mamba_prefill(zx, conv_state, ssm_state, *self.step_params(), chunk_size))
+        if mask is None and doc is None:  # compiled kernels where they run (ops/mixer.py); the code below is their reference
+            if (y := mamba_mixer(self, zx, conv_state, ssm_state, chunk_size)) is not None:
+                return self.out_proj(y)
         z, xBC, dt = zx.split([self.d_inner, self.conv_dim, self.heads], dim=-1)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
@@ -134,14 +121,8 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(b, l, self.d_inner), gate=z)
         return self.out_proj(y.to(u.dtype))
 
-    def compiled(self, zx: Tensor, backend=kernels):
-        """The compiled kernels for the mixer on the in_proj output zx, or None. On the CPU (kernels.py): one
-        decode token, mamba_step; a prompt piece, mamba_prefill (csrc/cpu_prefill.cpp). On a GPU (gpu_kernels.py):
-        mamba_step. They have no backward, so nothing here may be tracked by autograd (a LoRA in_proj's output is,
-        while its base weight is not). The torch code of forward() is their reference."""
-        return backend.get(zx, *(t for t in self.step_params()[:6] if t is not None))
-
     def step_params(self) -> tuple:
+        """What the compiled kernels read of this mixer (ops/mixer.py, ops/decode.py), in their argument order."""
         return (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
                 self.groups, self.dt_min, self.norm.eps)
 
@@ -251,11 +232,19 @@ class Layer(nn.Module):
         return x + self.mamba(self.input_layernorm(u), ctx.mask, ctx.chunk_size, conv, ssm, ctx.doc)  # residual is x, not u
 
 
+@dataclass
 class Context:
-    """What every layer of one forward shares: embeddings, padding mask, attention mask, RoPE, cache."""
+    """What every layer of one forward shares (built by Zamba2LM.forward, and by infer/graphs.py for a graph step)."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    embeddings: Tensor  # [b,t,d] the original embeddings, which every shared-block visit reads
+    chunk_size: int  # the scan's chunk length
+    mask: Tensor | None = None  # [b,t] False for left padding
+    attn_mask: Tensor | None = None  # [b,1,t,past+t] or [t,past+t], True = attend; None with `causal` or one query
+    causal: bool = False
+    rope: tuple[Tensor, Tensor] | None = None  # (cos, sin) [b,1,t,hd]
+    cache: HybridCache | None = None
+    start: int | None = 0  # the first KV slot of these tokens
+    doc: Tensor | None = None  # [b,t] document index of packed training sequences
 
 
 class Zamba2LM(nn.Module):

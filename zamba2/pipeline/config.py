@@ -170,6 +170,26 @@ class PipelineConfig:
         with naming(path):
             return cls.from_dict(d)
 
+    @classmethod
+    def one_stage(cls, stage: str, inputs: list[str] | None, named_sources: list[str] | None, out: str,
+                  work: str | None, executor: str | None, workers: int | None, shard_docs: int,
+                  options: dict | None) -> "PipelineConfig":
+        """The pipeline of one stage (`zamba2 data filter|dedup|classify|tokenize`): `inputs` as the source "input",
+        each of `named_sources` given as NAME=GLOB; `options`, the stage's table ([dedup], [classify], [tokenize])."""
+        sources = [{"name": "input", "paths": inputs}] if inputs else []
+        for spec in named_sources or []:
+            name, sep, pattern = spec.partition("=")
+            if not sep or not name or not pattern:
+                raise UserError(f"--source takes NAME=GLOB, not {spec!r}")
+            sources.append({"name": name, "paths": [pattern]})
+        stages = {"filter": ["normalize", "filter"], "dedup": ["dedup"], "classify": ["classify"],
+                  "tokenize": ["tokenize"]}[stage]
+        d = {"source": sources, "stages": stages, "out": out, "work": work or f"{out.rstrip('/')}.work",
+             "executor": executor or "serial", "workers": workers or 0, "shard_docs": shard_docs}
+        if options is not None:
+            d[stage] = options
+        return cls.from_dict(d)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["source"] = d.pop("sources")
