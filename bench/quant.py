@@ -1,4 +1,4 @@
-"""What bfloat16 and int8 weights cost in accuracy, and what they buy in decode speed, on a trained model.
+"""What bfloat16, int8 and int4 weights cost in accuracy, and what they buy in decode speed, on a trained model.
 
     zamba2 demo --out runs/demo                     # a trained checkpoint (or use any real one)
     python bench/quant.py --model runs/demo/checkpoint [--data FILE.txt|.jsonl] [--windows 8]
@@ -6,7 +6,11 @@
 Perplexity is measured on real text: by default the documents the demo holds out for validation (the last
 10% of Python's pydoc topics), cut into 512-token windows. Logit error is ||logits - logits_fp32|| /
 ||logits_fp32|| over all positions; top-1 agreement is how often the argmax matches float32's. Decode is
-64 greedy tokens after a 128-token prompt at batch 1, timed from the first new token to the last.
+64 greedy tokens after a 128-token prompt at batch 1, timed from the first new token to the last. int4 is
+measured with groups of 32, 64 and 128 weights per scale and offset (`zamba2.quantize_int4(model, group_size)`),
+and first the relative error ||W_q - W|| / ||W|| over all projections and the embedding of that asymmetric
+format (min and max of a group map to 0 and 15) beside a symmetric one (scale absmax / 7.5, levels -8..7, no
+offset), which is what decided for the offset.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import zamba2
+from zamba2.ops.layers import Int4Linear, Linear
 from zamba2.text.read import read_documents
 
 WINDOW = 512
@@ -57,6 +62,24 @@ def decode_rate(model) -> float:
     return 64 / (times[1] - times[0])
 
 
+def symmetric_int4(w: torch.Tensor, group: int) -> torch.Tensor:
+    """w quantized to int4 levels -8..7 with a bfloat16 scale per group and no offset, dequantized."""
+    n, k = w.shape
+    g = w.view(n, k // group, group)
+    s = (g.abs().amax(-1) / 7.5).clamp(min=1e-12).bfloat16().float()[..., None]
+    return ((g / s).round().clamp(-8, 7) * s).view(n, k)
+
+
+def weight_errors(model) -> None:
+    ws = [m.weight.detach() for m in model.modules() if isinstance(m, Linear) and m.in_features % 128 == 0]
+    ws.append(model.embed_tokens.weight.detach())
+    norm = sum(w.pow(2).sum() for w in ws).sqrt()
+    for g in (32, 64, 128):
+        asym = sum((Int4Linear.quantize(w, None, g).dequantize(0, len(w)) - w).pow(2).sum() for w in ws).sqrt()
+        sym = sum((symmetric_int4(w, g) - w).pow(2).sum() for w in ws).sqrt()
+        print(f"int4 groups of {g}: weight error {asym / norm:.2e} with an offset per group, {sym / norm:.2e} without")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint folder")
@@ -66,8 +89,10 @@ def main() -> None:
     tok = zamba2.load_tokenizer(args.model)
     windows = text_windows(args, tok)
     base = zamba2.load(args.model)
+    weight_errors(base)
     variants = {"float32": base, "bfloat16": copy.deepcopy(base).to(torch.bfloat16),
-                "int8": zamba2.quantize_int8(copy.deepcopy(base))}
+                "int8": zamba2.quantize_int8(copy.deepcopy(base)),
+                **{f"int4 g{g}": zamba2.quantize_int4(copy.deepcopy(base), g) for g in (32, 64, 128)}}
     print(f"{args.model}: {windows.numel():,} tokens of text in {len(windows)} windows")
     print(f"{'weights':9s} {'ppl':>8s} {'d ppl':>7s} {'logit err':>10s} {'top-1 agree':>12s} {'decode tok/s':>13s} {'x fp32':>7s}")
     ref_ppl, ref_logits, ref_rate = None, None, None

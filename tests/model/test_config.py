@@ -73,6 +73,9 @@ def test_presets_are_valid():
         cfg = zamba2.preset(name)
         assert cfg.num_parameters() > 0
     assert zamba2.preset("1.2b").attention_head_dim == 128
+    seven = zamba2.preset("7b")  # Zamba2-7B: 7.4B parameters, 13 hybrid layers, attention head dim 224
+    assert 7.3e9 < seven.num_parameters() < 7.45e9 and len(seven.hybrid_layer_ids) == 13
+    assert seven.attention_head_dim == 224 and seven.mamba_headdim == 64
     assert 40e6 < zamba2.preset("small").num_parameters() < 50e6
     with pytest.raises(ValueError, match="unknown preset"):
         zamba2.preset("13b")

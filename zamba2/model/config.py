@@ -287,7 +287,20 @@ def zamba2_2_7b(**overrides) -> Config:
     return Config(**base)
 
 
-PRESETS = {"tiny": tiny, "small": small, "1.2b": zamba2_1_2b, "2.7b": zamba2_2_7b}
+def zamba2_7b(**overrides) -> Config:
+    """Zyphra/Zamba2-7B's sizes: 81 layers (68 Mamba2 + 13 hybrid, about every sixth), two shared blocks, 112 SSM
+    heads in 2 groups, attention head dim 224. The hybrid positions here are every sixth layer from 6; they move
+    no size, so memory and speed figures hold, but load the Hub's config.json for its exact pattern."""
+    base = dict(
+        hidden_size=3584, num_hidden_layers=81, layers_block_type=_pattern(81, list(range(6, 81, 6))),
+        intermediate_size=14336, num_mem_blocks=2, use_mem_rope=True, mamba_d_state=64, mamba_ngroups=2,
+        n_mamba_heads=112,
+    )
+    base.update(overrides)
+    return Config(**base)
+
+
+PRESETS = {"tiny": tiny, "small": small, "1.2b": zamba2_1_2b, "2.7b": zamba2_2_7b, "7b": zamba2_7b}
 
 
 def preset(name: str, **overrides) -> Config:
