@@ -4,7 +4,7 @@
                             [--threads 2] [--skip-hf] [--decode-only] [--no-kernels] [--json out.json]
 
 Measures prefill tokens/s (batch 1 at 128, 512, 2048 tokens; ours as generate and the server prefill, in
-pieces of zamba2.infer.generate.PREFILL_CHUNK tokens), greedy decode tokens/s (64 new tokens after a 128-token
+pieces of zamba2.infer.step.PREFILL_CHUNK tokens), greedy decode tokens/s (64 new tokens after a 128-token
 prompt, at batch 1 and 8; the prefill is excluded by timing from the first generated token to the last)
 and the peak resident memory each phase adds. It also measures this machine's matmul rate and memory
 bandwidth before the first phase and after every phase, and reports each phase as a fraction of the higher
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import zamba2
 from zamba2.ops import kernels
-from zamba2.infer.generate import prefill as prefill_in_pieces
+from zamba2.infer.step import prefill as prefill_in_pieces
 
 PREFILL_LENGTHS = (128, 512, 2048)
 PROMPT, NEW_TOKENS, BATCH = 128, 64, 8

@@ -3,7 +3,7 @@
     python bench/gpu.py [--preset 1.2b] [--dtype bfloat16] [--prompt 2048] [--batches 1,8,32] [--skip-hf]
 
 Random weights of the preset's shape, in one run:
-- time to first token: prefill of a --prompt-token prompt (in pieces of zamba2.infer.generate.PREFILL_CHUNK) and the
+- time to first token: prefill of a --prompt-token prompt (in pieces of zamba2.infer.step.PREFILL_CHUNK) and the
   first greedy token, median of 5;
 - decode tokens/s after a 128-token prompt, 64 new greedy tokens, per batch size: CUDA graphs (graphs.py) and
   eager (ZAMBA2_CUDA_GRAPHS=0's path), timed from the first generated token to the last;
@@ -25,7 +25,7 @@ import torch
 
 import zamba2
 from zamba2.infer import graphs
-from zamba2.infer.generate import prefill
+from zamba2.infer.step import prefill
 
 from compare import effective_params, prefill_flops
 

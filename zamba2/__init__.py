@@ -12,7 +12,8 @@ if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
 from .model.cache import HybridCache
 from .model.checkpoint import CheckpointError, load, save
 from .model.config import Config, preset, tiny
-from .infer.generate import generate, sample, stream
+from .infer.generate import generate, stream
+from .infer.step import sample
 from .model.zamba2 import Zamba2LM
 from .infer.quant import quantize_int4, quantize_int8
 from .text.tokenizer import Tokenizer, load_tokenizer

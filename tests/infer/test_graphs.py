@@ -10,7 +10,7 @@ import torch
 import zamba2
 from zamba2.infer import graphs
 from zamba2.ops import kernels
-from zamba2.infer.generate import prefill
+from zamba2.infer.step import prefill
 
 from conftest import random_model
 

@@ -9,7 +9,7 @@ import torch
 import zamba2
 from conftest import random_model
 from zamba2.infer import speculative
-from zamba2.infer.generate import decode_step, prefill, probabilities
+from zamba2.infer.step import decode_step, prefill, probabilities
 from zamba2.ops import kernels
 
 
@@ -68,7 +68,8 @@ def test_restore_is_bit_exact():
     snap = cache.snapshot()
     for t, s in zip(before.conv + before.ssm, snap.conv + snap.ssm):
         t.copy_(s)
-    before.keys, before.values = {i: t.clone() for i, t in cache.keys.items()}, {i: t.clone() for i, t in cache.values.items()}
+    before.keys = {i: t.clone() for i, t in cache.keys.items()}
+    before.values = {i: t.clone() for i, t in cache.values.items()}
     before.valid, before.positions, before.length = cache.valid.clone(), cache.positions.clone(), cache.length
     model(torch.randint(3, 128, (1, 9)), cache=cache)  # grows the KV past its capacity too
     cache.restore(snap)
@@ -125,6 +126,10 @@ def test_schedule_proposes_what_pays_and_probes_when_nothing_does():
         schedule.update(6, 0)  # none accepted: plain steps, and a probe of one token every PROBE_EVERY steps
     picks = [schedule.next(room=10) for _ in range(2 * speculative.PROBE_EVERY)]
     assert picks.count(1) == 2 and picks.count(0) == 2 * speculative.PROBE_EVERY - 2
+    for _ in range(20):
+        schedule.update(6, 6)  # and back: proposals again, with a plain step every PROBE_EVERY to re-time it
+    picks = [schedule.next(room=10) for _ in range(2 * speculative.PROBE_EVERY)]
+    assert picks.count(0) == 2 and picks.count(6) == 2 * speculative.PROBE_EVERY - 2
     assert speculative.Schedule(k_max=3, adaptive=False).next(room=10) == 3  # fixed
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import zamba2
-from zamba2.infer.generate import decode_step
+from zamba2.infer.step import decode_step
 from zamba2.ops import decode as compiled_decode, kernels
 from zamba2.ops.decode import plain
 from zamba2.ops.hardware import NATIVE_BF16

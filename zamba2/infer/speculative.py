@@ -28,14 +28,14 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..model.zamba2 import Zamba2LM
-from .generate import decode_step, prefill, probabilities
+from .step import decode_step, prefill, probabilities
 
 PROMPT_LOOKUP = "prompt-lookup"
 NUM_SPECULATIVE = 4  # the largest k when adaptive (num_speculative None): the schedule picks k in 0..this per step
 MAX_NGRAM = 3  # prompt lookup matches the last 3 tokens, else 2, else 1
 
 DECAY = 0.8  # the acceptance rate and the step times are running averages over about 1 / (1 - DECAY) steps
-PROBE_EVERY = 16  # after this many plain steps, one proposal: without any the rate could never recover
+PROBE_EVERY = 16  # every this many steps the other mode once: plain-step time and acceptance go stale otherwise
 
 
 class Cursor:
@@ -95,8 +95,11 @@ class DraftModel:
         self.marks: dict[int, tuple] = {}
 
     def propose(self, text: list[int], k: int, pick) -> tuple[list[int], Tensor | None]:
-        cur = self.cursor
-        logits = cur.feed(text[cur.seen:], 1)
+        cur, pending = self.cursor, text[self.cursor.seen:]
+        # after a check the draft lacks one or two tokens: decode steps, as a small model's eager multi-token
+        # forward costs several of its compiled steps (bench/speculative.py); after plain steps, one forward
+        for piece in [[t] for t in pending] if len(pending) <= 2 else [pending]:
+            logits = cur.feed(piece, 1)
         drafts, qs, self.marks = [], [], {}
         for i in range(k):
             token, q = pick(logits)
@@ -119,14 +122,14 @@ class Schedule:
     """How many tokens to propose. Fixed (`adaptive` False): k_max every step, so a seeded run is reproducible.
     Adaptive: the k in 0..k_max with the most expected tokens per second, from a running acceptance rate a (k
     proposals yield (1 - a^(k+1)) / (1 - a) tokens) and the measured seconds of a plain step, a check and a draft
-    token; 0 (plain decoding) when no k beats plain steps, with a probe every PROBE_EVERY steps. As the choice
-    depends on timings, a seeded sample is then reproducible in distribution, not token for token."""
+    token; 0 (plain decoding) when no k beats plain steps; every PROBE_EVERY steps the other mode, to re-time it.
+    As the choice depends on timings, a seeded sample is then reproducible in distribution, not token for token."""
 
     def __init__(self, k_max: int, adaptive: bool):
         self.k_max, self.adaptive = k_max, adaptive
         self.accepted, self.tried = 1.6, 2.0  # prior: rate 0.8, worth about two steps
         self.seconds: dict[str, float] = {}  # running averages: "plain" step, "check" forward, "draft" token
-        self.plain_steps = 0
+        self.steps = 0
 
     def next(self, room: int) -> int:
         """k for the next step, at most `room`."""
@@ -139,9 +142,9 @@ class Schedule:
             return 1 / t["plain"] if k == 0 else (1 - a ** (k + 1)) / (1 - a) / (t["check"] + k * t.get("draft", 0))
 
         k = max(range(self.k_max + 1), key=rate)
-        if k == 0:
-            self.plain_steps += 1
-            k = 1 if self.plain_steps % PROBE_EVERY == 0 else 0
+        self.steps += 1
+        if self.steps % PROBE_EVERY == 0:  # a probe: proposals while plain steps pay, a plain step to re-time it
+            k = 0 if k else 1
         return min(k, room)
 
     def update(self, proposed: int, accepted: int) -> None:

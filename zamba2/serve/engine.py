@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..infer.generate import PREFILL_CHUNK, decoder, prefill, sample
+from ..infer.generate import decoder
+from ..infer.step import PREFILL_CHUNK, prefill, sample
 from ..model.cache import HybridCache
 from ..model.zamba2 import Zamba2LM
 from .metrics import Metrics
