@@ -172,10 +172,14 @@ def cmd_data(args) -> None:
     if args.data_command == "run":
         cfg = PipelineConfig.from_toml(args.pipeline, executor=args.executor, workers=args.workers)
     else:  # one stage on its own, over the sources given on the command line
-        options = {"dedup": dict(preset=args.preset, mode=args.mode, verify=args.verify, exact=not args.no_exact,
-                                 near=not args.no_near),
-                   "classify": dict(model=args.model, keep_labels=args.keep_labels or [], min_score=args.min_score),
-                   "tokenize": dict(tokenizer=args.tokenizer)}.get(args.data_command)
+        options = None  # the stage's own table; each stage's subcommand has only its own flags
+        if args.data_command == "dedup":
+            options = dict(preset=args.preset, mode=args.mode, verify=args.verify, exact=not args.no_exact,
+                           near=not args.no_near)
+        elif args.data_command == "classify":
+            options = dict(model=args.model, keep_labels=args.keep_labels or [], min_score=args.min_score)
+        elif args.data_command == "tokenize":
+            options = dict(tokenizer=args.tokenizer)
         cfg = PipelineConfig.one_stage(args.data_command, args.inputs, args.source, args.out, args.work,
                                        args.executor, args.workers, args.shard_docs, options)
     run(cfg)

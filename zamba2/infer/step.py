@@ -63,7 +63,7 @@ def prefill(model: Zamba2LM, input_ids: Tensor, cache, attention_mask: Tensor | 
 def decode_step(model: Zamba2LM, tokens: Tensor, cache) -> Tensor:
     """tokens [b] -> logits [b, vocab] of one cached decode step, the cache updated in place. The one place that
     picks how a step runs: on the CPU the model's whole step as one compiled call (ops/decode.py), else the
-    model's forward (stream replays a CUDA graph instead on a GPU, graphs.py)."""
+    model's forward (on a GPU, generate.decoder replays a CUDA graph instead, graphs.py)."""
     if model.dtype in FUSED_DTYPES and (dec := decode.compiled(model)) is not None:
         rope = model.rope(cache.positions[:, None])  # forward's positions for one unpadded token
         cos, sin = (r.view(len(tokens), -1) for r in rope) if rope is not None else (None, None)  # [b, hd]

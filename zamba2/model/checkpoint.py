@@ -190,12 +190,6 @@ class Shards:
             raise CheckpointError(f"{f}: unreadable or truncated weights file ({e})") from None
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder (see Shards)."""
-    shards = Shards(Path(path))
-    return {k: shards.get(k) for k in shards.file}
-
-
 def key_plan(keys: list[str], cfg: Config, quantized: bool) -> dict[str, list[str]]:
     """Our parameter name -> the checkpoint keys holding it: one, or several copies of a shared weight (a
     duplicated shared block; the LM head of a tied model, saved untied) that must be equal. A quantized
