@@ -5,6 +5,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,10 +198,11 @@ def test_decode_of_quantized_and_lora_models_equals_torch_code(k, calls):
     assert not any(plain(layer.mamba.in_proj) for layer in lora.layers)
     assert all(plain(layer.mamba.in_proj) for layer in int8.layers + int4.layers)
     layers = lora.config.num_hidden_layers
-    # int8 and int4 outputs are bfloat16, where sums in another order flip ulps
+    # int8 and int4 outputs are bfloat16, where sums in another order flip ulps; the compiled int4 GEMV also rounds
+    # its inputs to int8 per group (tests/infer/test_quant.py checks it exactly against that reference)
     for model, tol, expected in ((lora, 1e-4, {"mamba_step": 12 * layers, "mamba_prefill": layers}),
                                  (int8, 1e-2, {"decoder": 12, "mamba_prefill": layers}),
-                                 (int4, 1e-2, {"decoder": 12, "mamba_prefill": layers})):
+                                 (int4, 5e-2, {"decoder": 12, "mamba_prefill": layers})):
         calls.clear()
         prompt = torch.randint(0, model.config.vocab_size, (2, 9))
         fast, _ = decode(model, prompt, 12)
@@ -299,6 +301,19 @@ def test_env_switch_turns_the_kernels_off():
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
+def test_lock_left_by_a_killed_build_does_not_hang_the_next_load(k):
+    """torch's build lock is a file, which a build killed midway leaves behind; the next process clears it
+    instead of waiting on it forever."""
+    stale = Path(k.__file__).parent / "lock"
+    stale.touch()
+    try:
+        code = "import zamba2.ops.kernels as k; assert k.get() is not None"
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+        assert not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+
+
 def test_build_is_named_by_what_the_binary_depends_on(tmp_path):
     a, b = tmp_path / "a.cpp", tmp_path / "b.h"
     a.write_text("int f();")
@@ -308,6 +323,11 @@ def test_build_is_named_by_what_the_binary_depends_on(tmp_path):
     assert kernels.build_name("AVX512", [a, b]) != name
     b.write_text("#pragma once // changed")  # a header change rebuilds (torch's own check reads only the .cpp)
     assert kernels.build_name("AVX2", [a, b]) != name
+    (tmp_path / "copy").mkdir()  # another checkout of the same sources: its own build (torch's names the paths)
+    a2, b2 = tmp_path / "copy" / "a.cpp", tmp_path / "copy" / "b.h"
+    a2.write_text(a.read_text())
+    b2.write_text(b.read_text())
+    assert kernels.build_name("AVX2", [a2, b2]) != kernels.build_name("AVX2", [a, b])
     assert "-mavx512f" in kernels.ISA_FLAGS["AVX512"] and not any("512" in f for f in kernels.ISA_FLAGS["AVX2"])
 
 

@@ -52,8 +52,10 @@ ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"],
 def build_name(isa: str, sources: list[Path]) -> str:
     """The build's name: a hash of everything the binary depends on (the sources, header included, which torch's
     own change check does not read; torch's version and C++ ABI; Python's; the instruction set), so that
-    switching between Python installs, torch builds or CPUs builds anew instead of loading a stale binary."""
-    digest = hashlib.sha1()
+    switching between Python installs, torch builds or CPUs builds anew instead of loading a stale binary. Also the
+    sources' folder: torch's build file names them by path, and two checkouts sharing a build would rebuild it
+    each time the other one loads."""
+    digest = hashlib.sha1(str(sources[0].parent).encode())
     for f in sources:
         digest.update(f.read_bytes())
     digest.update(f"{torch.__version__} {torch._C._GLIBCXX_USE_CXX11_ABI} {sys.version} {isa}".encode())
@@ -75,9 +77,17 @@ def _build():
         print(f"zamba2: compiling the CPU kernels for this machine ({isa}), about a minute, once",
               file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(
-            name, [str(f) for f in sources if f.suffix == ".cpp"], extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS[isa]],
-            extra_ldflags=["-fopenmp"], verbose=False)
+        import fcntl
+
+        # torch's own build lock is a file that a killed build leaves behind, and every later process then waits
+        # on it forever; an flock is released by the system when its holder dies, so while holding one, a
+        # leftover torch lock is stale
+        with open(build_dir / "zamba2.flock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            return cpp_extension.load(
+                name, [str(f) for f in sources if f.suffix == ".cpp"],
+                extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the torch code still works
         tail = " | ".join(str(e).strip().splitlines()[-3:])  # a failed build's message is the whole compiler log
         warnings.warn(f"zamba2: CPU kernels unavailable, inference runs slower in plain torch ({tail})")

@@ -169,6 +169,10 @@ class Int4Linear(QuantizedLinear):
     nibble and weight 16 + j in its high one, so that 8 (AVX2) or 16 (AVX-512) bytes widen into the low and
     the high half of a block with one load and a shift (csrc/cpu_decode.cpp). scale [N, K / group_size, 2]
     bfloat16 holds (s, m) per group.
+
+    The compiled decode GEMV also rounds each group of its inputs to int8 (x = d p, d = max|x| / 127), so that a
+    group's products sum exactly in integers, as llama.cpp's 4-bit formats do; a prompt's rows (and the torch
+    code) multiply the dequantized weights by the inputs as they are. `python bench/quant.py` measures both.
     """
 
     @classmethod

@@ -35,12 +35,6 @@ struct Vec8 {
   static Vec8 set1(float a) { return {_mm256_set1_ps(a)}; }
   template <typename T>
   static Vec8 load(const T* p) { return {load8(p)}; }
-  // packed int4 (quant.Int4Linear): 8 bytes -> their low and their high nibbles, 0..15 as floats
-  static void nibbles(const uint8_t* p, Vec8& lo, Vec8& hi) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    lo = {_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)))};
-    hi = {_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))};
-  }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   float sum() const { return hsum(v); }
   friend Vec8 fma(Vec8 a, Vec8 b, Vec8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
@@ -58,11 +52,6 @@ struct Vec16 {
   }
   static Vec16 load(const int8_t* p) {
     return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
-  }
-  static void nibbles(const uint8_t* p, Vec16& lo, Vec16& hi) {  // 16 bytes
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    lo = {_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)))};
-    hi = {_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4))};
   }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   float sum() const { return _mm512_reduce_add_ps(v); }

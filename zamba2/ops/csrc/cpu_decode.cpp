@@ -5,8 +5,8 @@
 //   x rows stay in L1/L2. MKL's GEMV reached 12-18 GB/s on Zamba2's decode shapes where a plain 2-thread
 //   read of the same memory reaches ~35 GB/s (bench/compare.py measures both). W may be bfloat16 (its
 //   elements widen to float32 exactly, a 16-bit shift), int8 with a scale per row, or packed int4 with a
-//   scale and offset per group (nibbles unpacked in registers), so bf16, int8 and int4 decode read a half, a
-//   quarter and about a seventh of the bytes, with float32 arithmetic.
+//   scale and offset per group, so bf16, int8 and int4 decode read a half, a quarter and about a seventh of
+//   the bytes; float32 arithmetic, except int4's integer dot products against int8 activations (block4).
 // mamba_step: everything a Mamba2 mixer does to one token between in_proj and out_proj (depthwise conv
 //   over the cached window, SiLU, softplus(dt), the SSM state update and read-out, D skip, gated RMSNorm)
 //   in one call instead of ~40 small torch ops (models whose projections are LoRA); mamba_layer adds the
@@ -50,49 +50,84 @@ inline void block(const W* w, int64_t K, const float* x, float* y, int64_t N) {
     }
 }
 
-// Packed int4 (quant.Int4Linear): a row is K/2 bytes in blocks of 32 weights, byte j of a block holding weight j in
-// its low nibble and weight 16 + j in its high one; sm holds (scale s, offset m) per group of G weights of a row,
-// w = s q + m. Per group the nibbles (0..15, exact as floats) multiply x and are summed, then scaled; the offsets
-// multiply the sums of x over each group (xs [RT, K/G], computed once per call). Streams the bytes as `block`
-// streams int8 rows: NB rows against RT input rows, the rows two blocks ahead prefetched.
+// Packed int4 (quant.Int4Linear) against int8 activations. A weight row is K/2 bytes in blocks of 32 weights, byte j
+// of a block holding weight j in its low nibble and weight 16 + j in its high one; sm holds (scale s, offset m) per
+// group of G weights, w = s q + m with q in 0..15. Each input row is quantized per group too, x = d p with p in
+// -127..127 (Int8Groups), so a group's sum of q p is exact in int32: 32 multiply-adds in one or two instructions,
+// where widening the nibbles to float took eight (at 34% of the read rate on the 2-core AMD EPYC, AVX2, `python
+// bench/compare.py --preset 1.2b --int4 --skip-hf --decode-only`). Per group y += s d sum(q p) + m sum(x).
+struct Int8Groups {
+  std::vector<int8_t> p;       // [R, K]
+  std::vector<float> d, sum;   // [R, K/G]: the scale, and the sum of x over the group (for the offsets)
+};
+
+Int8Groups quantize_groups(const float* x, int64_t R, int64_t K, int64_t G) {
+  Int8Groups q{std::vector<int8_t>(R * K), std::vector<float>(R * K / G), std::vector<float>(R * K / G)};
+  for (int64_t g = 0; g < R * K / G; g++) {
+    const float* xg = x + g * G;
+    float amax = 0.0f, sum = 0.0f;
+    for (int64_t k = 0; k < G; k++) {
+      amax = std::max(amax, std::abs(xg[k]));
+      sum += xg[k];
+    }
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;  // as torch computes it (tests/infer/test_quant.py)
+    for (int64_t k = 0; k < G; k++) q.p[g * G + k] = static_cast<int8_t>(std::nearbyint(xg[k] * inv));
+    q.d[g] = amax / 127.0f;
+    q.sum[g] = sum;
+  }
+  return q;
+}
+
+// 16 packed bytes -> the block's 32 nibbles in weight order: the low nibbles (weights 0..15), then the high ones
+inline __m256i nibbles32(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
+}
+
+// acc (8 x int32) += 32 unsigned nibbles times 32 signed int8, four products to a lane. Without VNNI, pairs of
+// products sum to int16 first: at most 2 x 15 x 127, far from saturating.
+inline __m256i dot_add(__m256i acc, __m256i q, __m256i p) {
+#ifdef __AVX512VNNI__
+  return _mm256_dpbusd_epi32(acc, q, p);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, p), _mm256_set1_epi16(1)));
+#endif
+}
+
+// NB weight rows against RT quantized input rows (p, d, sum at the tile's first row); streams the bytes as `block`
+// streams float rows, the rows two blocks ahead prefetched.
 template <int NB, int RT>
-inline void block4(const uint8_t* w, const at::BFloat16* sm, int64_t K, int64_t G, const float* x, const float* xs,
-                   float* y, int64_t N) {
+inline void block4(const uint8_t* w, const at::BFloat16* sm, int64_t K, int64_t G, const int8_t* p, const float* d,
+                   const float* xsum, float* y, int64_t N) {
   const int64_t KB = K / 2, NG = K / G;
-  Vec out[NB][RT];
+  __m256 out[NB][RT];
   float off[NB][RT] = {};
   for (int i = 0; i < NB; i++)
-    for (int r = 0; r < RT; r++) out[i][r] = Vec::zero();
+    for (int r = 0; r < RT; r++) out[i][r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < NG; g++) {
-    Vec acc[NB][RT];
+    __m256i acc[NB][RT];
     for (int i = 0; i < NB; i++)
-      for (int r = 0; r < RT; r++) acc[i][r] = Vec::zero();
+      for (int r = 0; r < RT; r++) acc[i][r] = _mm256_setzero_si256();
     for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
       if (k % 128 == 0)  // a 64-byte line holds 128 weights
         for (int i = 0; i < NB; i++) _mm_prefetch(reinterpret_cast<const char*>(w + (i + 2 * NB) * KB + k / 2), _MM_HINT_T0);
-      for (int h = 0; h < 16; h += Vec::W) {  // bytes h.. of the block: weights h.. (low) and 16 + h.. (high)
-        Vec xl[RT], xh[RT];
-        for (int r = 0; r < RT; r++) {
-          xl[r] = Vec::load(x + r * K + k + h);
-          xh[r] = Vec::load(x + r * K + k + 16 + h);
-        }
-        for (int i = 0; i < NB; i++) {
-          Vec lo, hi;
-          Vec::nibbles(w + i * KB + k / 2 + h, lo, hi);
-          for (int r = 0; r < RT; r++) acc[i][r] = fma(hi, xh[r], fma(lo, xl[r], acc[i][r]));
-        }
+      __m256i pv[RT];
+      for (int r = 0; r < RT; r++) pv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + r * K + k));
+      for (int i = 0; i < NB; i++) {
+        const __m256i q = nibbles32(w + i * KB + k / 2);
+        for (int r = 0; r < RT; r++) acc[i][r] = dot_add(acc[i][r], q, pv[r]);
       }
     }
     for (int i = 0; i < NB; i++) {
       const float s = static_cast<float>(sm[(i * NG + g) * 2]), m = static_cast<float>(sm[(i * NG + g) * 2 + 1]);
       for (int r = 0; r < RT; r++) {
-        out[i][r] = fma(acc[i][r], Vec::set1(s), out[i][r]);
-        off[i][r] += m * xs[r * NG + g];
+        out[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][r]), _mm256_set1_ps(s * d[r * NG + g]), out[i][r]);
+        off[i][r] += m * xsum[r * NG + g];
       }
     }
   }
   for (int i = 0; i < NB; i++)
-    for (int r = 0; r < RT; r++) y[r * N + i] = out[i][r].sum() + off[i][r];
+    for (int r = 0; r < RT; r++) y[r * N + i] = hsum(out[i][r]) + off[i][r];
 }
 
 // Calls tile(rt, r) over all R input rows in tiles of rt = up to 4 rows, which re-read the weight rows the tile's
@@ -116,10 +151,12 @@ inline void all_rows(const W* w, int64_t K, const float* x, float* y, int64_t R,
 }
 
 template <int NB>
-inline void all_rows4(const uint8_t* w, const at::BFloat16* sm, int64_t K, int64_t G, const float* x,
-                      const float* xs, float* y, int64_t R, int64_t N) {
+inline void all_rows4(const uint8_t* w, const at::BFloat16* sm, int64_t K, int64_t G, const Int8Groups& x, float* y,
+                      int64_t R, int64_t N) {
+  const int64_t NG = K / G;
   tiles(R, [&](auto rt, int64_t r) {
-    block4<NB, decltype(rt)::value>(w, sm, K, G, x + r * K, xs + r * (K / G), y + r * N, N);
+    block4<NB, decltype(rt)::value>(w, sm, K, G, x.p.data() + r * K, x.d.data() + r * NG, x.sum.data() + r * NG,
+                                    y + r * N, N);
   });
 }
 
@@ -139,16 +176,14 @@ void gemv_impl(const W* w, const float* x, float* y, int64_t R, int64_t N, int64
 
 void gemv_int4(const uint8_t* w, const at::BFloat16* sm, const float* x, float* y, int64_t R, int64_t N, int64_t K,
                int64_t G) {
-  std::vector<float> xs(R * (K / G), 0.0f);  // x summed over each group, for the offsets
-  for (int64_t r = 0; r < R; r++)
-    for (int64_t k = 0; k < K; k++) xs[r * (K / G) + k / G] += x[r * K + k];
+  const Int8Groups xq = quantize_groups(x, R, K, G);
   const int64_t grain = std::max<int64_t>(16, 8192 / std::max<int64_t>(K, 1));  // as gemv_impl's
   const int64_t gb = 2 * (K / G);  // scale entries per row
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     int64_t n = n0;
     if (R == 1)  // 4 rows x 1: 8 accumulators (4 per group, 4 across groups)
-      for (; n + 4 <= n1; n += 4) all_rows4<4>(w + n * K / 2, sm + n * gb, K, G, x, xs.data(), y + n, R, N);
-    for (; n < n1; n++) all_rows4<1>(w + n * K / 2, sm + n * gb, K, G, x, xs.data(), y + n, R, N);
+      for (; n + 4 <= n1; n += 4) all_rows4<4>(w + n * K / 2, sm + n * gb, K, G, xq, y + n, R, N);
+    for (; n < n1; n++) all_rows4<1>(w + n * K / 2, sm + n * gb, K, G, xq, y + n, R, N);
   });
 }
 
