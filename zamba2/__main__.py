@@ -28,7 +28,7 @@ def cmd_generate(args) -> None:
     from .infer.generate import stream
     from .infer.load import load_for_inference
 
-    model, tok = load_for_inference(args.model, args.dtype, args.device, args.int8, args.int4)
+    model, tok = load_for_inference(args.model, args.dtype, args.device, args.int8, args.int4, args.revision)
     draft = "prompt-lookup" if args.prompt_lookup else None
     if args.draft:
         draft = load_for_inference(args.draft, args.dtype, args.device, args.draft_int8)[0]
@@ -52,7 +52,7 @@ def cmd_quantize(args) -> None:
 
     from .infer.quant import quantize_checkpoint
 
-    quantize_checkpoint(args.model, args.out, args.bits, args.group_size, getattr(torch, args.dtype))
+    quantize_checkpoint(args.model, args.out, args.bits, args.group_size, getattr(torch, args.dtype), args.revision)
     print(f"int{args.bits} weights" + (f" (groups of {args.group_size})" if args.bits == 4 else "") + f" -> {args.out}")
 
 
@@ -135,7 +135,7 @@ def cmd_serve(args) -> None:
                     max_body_bytes=args.max_body_bytes, prefix_cache_mb=args.prefix_cache_mb,
                     prefill_chunk=args.prefill_chunk)
     serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits, args.int8,
-          args.int4, args.api_key or os.environ.get("ZAMBA2_API_KEY") or None, args.drain_timeout)
+          args.int4, args.api_key or os.environ.get("ZAMBA2_API_KEY") or None, args.drain_timeout, args.revision)
 
 
 def cmd_eval_perplexity(args) -> None:
@@ -143,7 +143,7 @@ def cmd_eval_perplexity(args) -> None:
     from .infer.load import load_for_inference
     from .text.read import read_documents
 
-    model, tok = load_for_inference(args.model, args.dtype, args.device)
+    model, tok = load_for_inference(args.model, args.dtype, args.device, revision=args.revision)
     stats: dict = {}
     r = perplexity(model, tok, read_documents(args.data, args.text_key, stats), args.window, args.stride)
     print(f"perplexity {r['perplexity']:.3f} ({r['nll_per_token']:.4f} nats/token) over {r['tokens']:,} tokens in "
@@ -159,7 +159,7 @@ def cmd_eval_lm_eval(args) -> None:
     from .eval.harness import evaluate
 
     results = evaluate(args.model, args.tasks.split(","), args.include_path, args.num_fewshot, args.limit,
-                       args.batch_size, args.dtype, args.device, args.max_length)
+                       args.batch_size, args.dtype, args.device, args.max_length, args.revision)
     print(make_table(results))
     if args.output:
         with open(args.output, "w") as f:
@@ -220,6 +220,13 @@ def add_finetune_flags(f: argparse.ArgumentParser, out: str) -> None:
                    help="write OUT/merged, a plain checkpoint with the adapters folded in (else OUT/adapter)")
 
 
+def add_model_flags(p: argparse.ArgumentParser, what: str = "checkpoint folder (config.json + safetensors)") -> None:
+    """--model (a folder or a Hub repo id, zamba2/hub.py) and --revision."""
+    p.add_argument("--model", required=True, help=f"{what}, or a Hugging Face Hub repo id such as "
+                   "Zyphra/Zamba2-1.2B-instruct (downloaded once into the Hugging Face cache)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub --model (default main)")
+
+
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
     """--int8 | --int4: weight-only quantization of a float checkpoint as it loads."""
     q = p.add_mutually_exclusive_group()
@@ -236,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue a prompt, streaming tokens as they come")
-    g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    add_model_flags(g)
     g.add_argument("--prompt", required=True, type=utf8_text, help="text to continue (BOS is added)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     # sampling
@@ -263,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quantize", help="write a checkpoint with int8 or int4 weights, which every command loads as is")
-    q.add_argument("--model", required=True, help="float checkpoint folder (config.json + safetensors)")
+    add_model_flags(q, "float checkpoint folder (config.json + safetensors)")
     q.add_argument("--out", required=True, help="folder to write (config.json records the format)")
     q.add_argument("--bits", type=int, choices=(8, 4), required=True, help="8: a scale per row; 4: per group")
     q.add_argument("--group-size", type=int, default=64, help="int4 weights per scale and offset (default 64)")
@@ -312,10 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_dpo)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat) with continuous batching")
-    s.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    add_model_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    s.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: folder name)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the `model` name clients use (default: the Hub repo id, or the folder's name)")
     s.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     add_quant_flags(s)
@@ -342,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity, or lm-evaluation-harness tasks on the model")
     esub = e.add_subparsers(dest="what", required=True)
     ep = esub.add_parser("perplexity", help="sliding-window token perplexity of .txt / .jsonl / .parquet documents")
-    ep.add_argument("--model", required=True, help="checkpoint folder")
+    add_model_flags(ep, "checkpoint folder")
     ep.add_argument("--data", required=True, nargs="+",
                     help=".txt (one document each), .jsonl or .parquet files, optionally .gz / .zst")
     ep.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
@@ -350,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--stride", type=int, default=None, help="tokens a window advances (default window / 2)")
     ep.set_defaults(func=cmd_eval_perplexity)
     el = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks with the `zamba2` model (offline tasks bundled)")
-    el.add_argument("--model", required=True, help="checkpoint folder")
+    add_model_flags(el, "checkpoint folder")
     el.add_argument("--tasks", required=True, help="comma-separated: zamba2_mc, zamba2_ppl, zamba2_qa or any lm-eval task")
     el.add_argument("--include-path", default=None, help="a folder of your own task YAMLs")
     el.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
