@@ -23,9 +23,7 @@ def utf8_text(s: str) -> str:
 
 
 def cmd_generate(args) -> None:
-    import torch
-
-    from .infer.generate import stream
+    from .infer.generate import stream_text
     from .infer.load import load_for_inference
 
     model, tok = load_for_inference(args.model, args.dtype, args.device, args.int8, args.int4, args.revision)
@@ -33,18 +31,27 @@ def cmd_generate(args) -> None:
     if args.draft:
         draft = load_for_inference(args.draft, args.dtype, args.device, args.draft_int8)[0]
     ids = tok.encode(args.prompt)
-    push = tok.stream_decoder()
-    for i in ids:  # feed the prompt so the continuation decodes in context (leading spaces, split characters)
-        push(i)
     eos = model.config.eos_token_ids if not args.ignore_eos else None
-    for token in stream(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed, draft=draft,
-                        num_speculative=args.num_speculative):
-        if eos and int(token[0]) in eos:
-            break
-        sys.stdout.write(push(int(token[0])))
+    for _, text in stream_text(model, tok, ids, args.max_new_tokens, eos, context=ids, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, draft=draft,
+                               num_speculative=args.num_speculative):
+        sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_chat(args) -> None:
+    from .hub import resolve
+    from .infer.chat import ChatSession, chat, terminal_lines
+    from .infer.load import load_for_inference
+    from .text.chat import chat_template
+
+    folder = resolve(args.model, args.revision)
+    model, tok = load_for_inference(folder, args.dtype, args.device, args.int8, args.int4)
+    session = ChatSession(model, tok, chat_template(folder, tok), args.system, args.max_new_tokens, args.temperature,
+                          args.top_k, args.top_p, args.seed, args.max_context)
+    interactive = sys.stdin.isatty()
+    chat(session, terminal_lines() if interactive else sys.stdin, sys.stdout, interactive)
 
 
 def cmd_quantize(args) -> None:
@@ -268,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-speculative", type=int, default=None, metavar="K",
                    help="propose K tokens every step (default: adaptive, 0 to 4 by measured acceptance and speed)")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat in the terminal (or over piped stdin, a line per turn), the conversation's "
+                       "cache carried from turn to turn")
+    add_model_flags(c)
+    c.add_argument("--system", default=None, type=utf8_text, help="system prompt (change it with /system TEXT)")
+    c.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    c.add_argument("--max-context", type=int, default=None,
+                   help="tokens the conversation may fill before /reset is needed (default: the model's context, "
+                        "max_position_embeddings in its config.json)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    c.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    c.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    c.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    add_quant_flags(c)
+    c.set_defaults(func=cmd_chat)
 
     q = sub.add_parser("quantize", help="write a checkpoint with int8 or int4 weights, which every command loads as is")
     add_model_flags(q, "float checkpoint folder (config.json + safetensors)")
