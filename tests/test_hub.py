@@ -105,3 +105,8 @@ def test_a_tokenizer_by_repo_id_fetches_only_tokenizer_files(hub):
     zamba2.load_tokenizer("owner/tiny")  # no tokenizer file in the repo: Mistral v0.1, as for a folder
     fetched = {p.rsplit("/", 1)[1] for m, p in hub.requests if "/resolve/" in p and m == "GET"}
     assert fetched == {"tokenizer_config.json"}
+
+
+def test_served_name_of_a_training_run_is_the_run(tmp_path):
+    (tmp_path / "demo" / "checkpoint").mkdir(parents=True)
+    assert served_name(tmp_path / "demo" / "checkpoint") == "demo" and served_name(tmp_path / "demo") == "demo"
