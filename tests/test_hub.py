@@ -110,3 +110,19 @@ def test_a_tokenizer_by_repo_id_fetches_only_tokenizer_files(hub):
 def test_served_name_of_a_training_run_is_the_run(tmp_path):
     (tmp_path / "demo" / "checkpoint").mkdir(parents=True)
     assert served_name(tmp_path / "demo" / "checkpoint") == "demo" and served_name(tmp_path / "demo") == "demo"
+
+
+def test_a_tokenizer_flag_takes_a_file_a_folder_or_a_repo_id(hub, folders):
+    from zamba2.text.tokenizer import named_tokenizer, mistral_v1_model_path
+
+    assert named_tokenizer(str(mistral_v1_model_path())).vocab_size == 32000
+    assert named_tokenizer("owner/tiny").vocab_size == 32000  # the repo has none: Mistral v0.1, as for its folder
+    with pytest.raises(FileNotFoundError, match="no such tokenizer file"):
+        named_tokenizer("owner/tokenizer.json")
+
+
+def test_training_starts_from_a_repo_id(hub, folders):
+    from zamba2.train.trainer import TrainConfig, build_model
+
+    model = build_model(TrainConfig(data="unused", model="owner/tiny"))
+    assert same_weights(model, zamba2.load(folders / "v1"))

@@ -66,9 +66,9 @@ def cmd_quantize(args) -> None:
 def cmd_prepare(args) -> None:
     from .text.read import read_documents
     from .train.data import prepare
-    from .text.tokenizer import Tokenizer, load_tokenizer
+    from .text.tokenizer import named_tokenizer
 
-    tok = Tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer()
+    tok = named_tokenizer(args.tokenizer)
     stats: dict = {}
     meta = prepare(read_documents(args.inputs, args.text_key, stats), args.out, tok, args.shard_tokens, stats)
     print(f"{meta['docs']:,} documents, {meta['tokens']:,} tokens in {len(meta['shards'])} shard(s) -> {args.out}"
@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help=".txt files (one document each), .jsonl (one per line) or .parquet "
                     "(one per row), optionally .gz / .zst")
     pr.add_argument("--out", required=True, help="output data folder")
-    pr.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model (default Mistral v0.1)")
+    pr.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model, or a checkpoint folder or "
+                    "Hub repo id to take it from (default Mistral v0.1)")
     pr.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
     pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
     pr.set_defaults(func=cmd_prepare)
@@ -428,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
             s_.add_argument("--keep-labels", nargs="+", default=None, help="labels to keep, e.g. High")
             s_.add_argument("--min-score", type=float, default=None, help="keep documents scoring at least this")
         if name == "tokenize":
-            s_.add_argument("--tokenizer", default=None, help="tokenizer.json / .model (default Mistral v0.1)")
+            s_.add_argument("--tokenizer", default=None, help="tokenizer.json / .model, or a checkpoint folder or Hub "
+                            "repo id to take it from (default Mistral v0.1)")
     da.set_defaults(func=cmd_data)
     return p
 

@@ -1,4 +1,5 @@
-"""`zamba2 chat` (infer/chat.py): a conversation continued on its carried cache is the conversation prefilled at once."""
+"""`zamba2 chat` (infer/chat.py): a conversation continued on its carried cache is the conversation prefilled at
+once."""
 
 import io
 import json

@@ -115,7 +115,8 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
 
 
 def stream_text(model: Zamba2LM, tokenizer: Tokenizer, input_ids: list[int], max_new_tokens: int,
-                eos_token_id: int | list[int] | None = None, context: list[int] = (), **options) -> Iterator[tuple[int, str]]:
+                eos_token_id: int | list[int] | None = None, context: list[int] = (),
+                **options) -> Iterator[tuple[int, str]]:
     """`stream` for one sequence as (token, the text it adds) pairs, the text decoded in the context of the ids
     `context` (a prompt's: leading spaces and characters split across tokens come out right; see
     Tokenizer.stream_decoder). An eos token adds no text and ends the stream. `options`: those of `stream`."""

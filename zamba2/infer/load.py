@@ -16,7 +16,8 @@ from ..text.tokenizer import Tokenizer, load_tokenizer
 
 
 def load_for_inference(path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
-                       int8: bool = False, int4: bool = False, revision: str | None = None) -> tuple[Zamba2LM, Tokenizer]:
+                       int8: bool = False, int4: bool = False,
+                       revision: str | None = None) -> tuple[Zamba2LM, Tokenizer]:
     """The model at `path` (a folder, or a Hub repo id at `revision`: hub.resolve) in `dtype` on `device` and its
     tokenizer, refused when it has more tokens than the model's vocabulary (see load_tokenizer). int8 / int4:
     weight-only matmuls, each projection quantized as it is read (a folder `zamba2 quantize` wrote loads as it

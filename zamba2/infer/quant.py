@@ -55,8 +55,9 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, bits: in
                         dtype: torch.dtype = torch.float32, revision: str | None = None) -> Zamba2LM:
     """`zamba2 quantize`: write the checkpoint at `src` with `bits`-bit projections to folder `out`, which every
     loader then reads as it is (its config.json records the format), with the other files of `src` (tokenizer,
-    generation config). `src` may be a Hub repo id (at `revision`, hub.resolve). Quantized while reading (see checkpoint.load); the rest of the weights, and the weights the
-    projections are quantized from, in `dtype`. Returns the quantized model."""
+    generation config). `src` may be a Hub repo id (at `revision`, hub.resolve). Quantized while reading (see
+    checkpoint.load); the rest of the weights, and the weights the projections are quantized from, in `dtype`.
+    Returns the quantized model."""
     src, out = resolve(src, revision), Path(out)
     if out.resolve() == src.resolve():
         raise UserError(f"--out {out} is the source checkpoint; write the quantized one to another folder")

@@ -116,3 +116,11 @@ def load_tokenizer(folder: str | Path | None = None, model_vocab_size: int | Non
     if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
         raise UserError(f"{tok.path}: the tokenizer has {tok.vocab_size} tokens but the model only {model_vocab_size}")
     return tok
+
+
+def named_tokenizer(name: str | None) -> Tokenizer:
+    """A `--tokenizer` flag: a tokenizer.json / tokenizer.model file, or a checkpoint folder or Hub repo id (its
+    tokenizer, as load_tokenizer finds it); None: Mistral v0.1."""
+    if name is not None and (Path(name).is_file() or str(name).endswith((".json", ".model"))):
+        return Tokenizer(name)  # a missing file says so, rather than being asked of the Hub
+    return load_tokenizer(name)
