@@ -126,3 +126,11 @@ def test_training_starts_from_a_repo_id(hub, folders):
 
     model = build_model(TrainConfig(data="unused", model="owner/tiny"))
     assert same_weights(model, zamba2.load(folders / "v1"))
+
+
+def test_no_network_and_not_cached_is_one_line(tmp_path, monkeypatch):
+    from helpers.process import free_port
+
+    use_hub(monkeypatch, f"http://127.0.0.1:{free_port()}", tmp_path / "hf")  # nothing listens there
+    with pytest.raises(UserError, match=r"^owner/x: not in the Hugging Face cache .* the Hub cannot be reached$"):
+        resolve("owner/x")
