@@ -122,10 +122,12 @@ def test_a_tokenizer_flag_takes_a_file_a_folder_or_a_repo_id(hub, folders):
 
 
 def test_training_starts_from_a_repo_id(hub, folders):
-    from zamba2.train.trainer import TrainConfig, build_model
+    from zamba2.train.trainer import TrainConfig, build_model, start_folder
 
     model = build_model(TrainConfig(data="unused", model="owner/tiny"))
     assert same_weights(model, zamba2.load(folders / "v1"))
+    assert same_weights(zamba2.load(start_folder("owner/tiny", "v2")), zamba2.load(folders / "v2"))
+    assert start_folder("tiny") is None
 
 
 def test_no_network_and_not_cached_is_one_line(tmp_path, monkeypatch):

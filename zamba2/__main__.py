@@ -77,11 +77,13 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from .train import parallel
-    from .train.trainer import Trainer, TrainConfig
+    from .train.trainer import Trainer, TrainConfig, start_folder
 
     flags = dict(data=args.data, out=args.out, model=args.model, steps=args.steps)
     cfg = TrainConfig.from_toml(args.config, **flags) if args.config else TrainConfig.from_dict(
         {k: v for k, v in flags.items() if v is not None})
+    if args.revision:  # a Hub repo id at a revision: the run starts from its downloaded folder
+        cfg.model = str(start_folder(cfg.model, args.revision))
     try:
         Trainer(cfg, resume=args.resume).run()
     finally:
@@ -91,7 +93,7 @@ def cmd_train(args) -> None:
 def finetune_config(args):
     """TrainConfig + LoRA (or None) from the `finetune` flags."""
     from .train.lora import LoRA
-    from .train.trainer import TrainConfig
+    from .train.trainer import TrainConfig, start_folder
 
     lora = None
     if args.lora_rank:
@@ -99,7 +101,8 @@ def finetune_config(args):
                     base_dtype=args.lora_base_dtype, seed=args.seed,
                     **({"targets": args.lora_targets} if args.lora_targets else {}))
     lr = args.lr if args.lr is not None else (2e-4 if lora else 2e-5)  # adapters start at zero: they take a larger lr
-    cfg = TrainConfig(data=args.data, out=args.out, model=args.model, seq_len=args.seq_len,
+    model = str(start_folder(args.model, args.revision)) if args.revision else args.model
+    cfg = TrainConfig(data=args.data, out=args.out, model=model, seq_len=args.seq_len,
                       batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, lr=lr,
                       warmup_steps=args.warmup_steps, weight_decay=0.0, dtype=args.dtype, device=args.device,
                       val_fraction=args.val_fraction, eval_every=args.eval_every, eval_batches=args.eval_batches,
@@ -322,13 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="run.toml with a [train] table (TrainConfig fields)")
     t.add_argument("--data", default=None, help="prepared data folder (overrides the config)")
     t.add_argument("--out", default=None, help="output folder (overrides the config)")
-    t.add_argument("--model", default=None, help="preset name or checkpoint folder (overrides the config)")
+    t.add_argument("--model", default=None,
+                   help="preset name, checkpoint folder or Hugging Face Hub repo id (overrides the config)")
+    t.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model (default main)")
     t.add_argument("--steps", type=int, default=None, help="phase-1 steps (overrides the config)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.set_defaults(func=cmd_train)
 
     f = sub.add_parser("finetune", help="chat SFT of a checkpoint (loss on assistant turns only), full or LoRA")
-    f.add_argument("--model", required=True, help="checkpoint folder to start from")
+    add_model_flags(f, "checkpoint folder to start from")
     f.add_argument("--data", required=True, help='chat JSONL: {"messages": [{"role", "content"}, ...]} per line')
     f.add_argument("--too-long", choices=("truncate", "drop"), default="truncate",
                    help="conversations longer than --seq-len: cut at seq-len, or skip (default truncate)")
@@ -336,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_finetune)
 
     o = sub.add_parser("dpo", help="direct preference optimisation on chosen/rejected pairs, full or LoRA")
-    o.add_argument("--model", required=True, help="checkpoint folder to start from (also the frozen reference)")
+    add_model_flags(o, "checkpoint folder to start from (also the frozen reference)")
     o.add_argument("--data", required=True,
                    help='pairs JSONL: {"prompt", "chosen", "rejected"} per line (strings or chat messages)')
     o.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default 0.1)")

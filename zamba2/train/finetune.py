@@ -16,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .. import hub
 from ..errors import UserError
 from . import parallel
 from ..model.checkpoint import save
@@ -27,7 +28,7 @@ from .sft import chat_loaders
 from ..text.tokenizer import load_tokenizer
 from .trainer import Trainer, TrainConfig, start_folder
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "special_tokens_map.json")
+TOKENIZER_FILES = [f for f in hub.TOKENIZER_FILES if f != "tokenizer_config.json"]  # the config is rewritten
 
 
 def write_tokenizer_files(src: Path | None, dst: Path) -> None:

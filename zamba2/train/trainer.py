@@ -161,15 +161,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def start_folder(model: str) -> Path | None:
+def start_folder(model: str, revision: str | None = None) -> Path | None:
     """The checkpoint folder a run starts from: None for a preset, else the folder `model`, or the Hub repo `model`
-    downloaded (hub.resolve)."""
+    downloaded at `revision` (hub.resolve)."""
     if model in PRESETS:
+        if revision is not None:
+            raise UserError(f"model {model!r} is a preset; a revision applies only to a Hugging Face Hub repo id")
         return None
     if not Path(model).is_dir() and model.count("/") != 1:  # not a Hub repo id either: say what is accepted
         raise UserError(f"model {model!r} is neither a preset {sorted(PRESETS)}, a checkpoint folder nor a Hugging "
                         "Face Hub repo id")
-    return resolve(model)
+    return resolve(model, revision)
 
 
 def build_model(cfg: TrainConfig) -> Zamba2LM:
