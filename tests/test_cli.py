@@ -90,7 +90,14 @@ def test_prepare_train_and_demo_commands(tmp_path):
     assert zamba2.load(tmp_path / "run" / "checkpoint").config.vocab_size == 32000
     out = run("demo", "--out", str(tmp_path / "demo"), "--steps", "4")
     assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"writing to {tmp_path / 'demo'}")
     assert "validation perplexity" in out.stdout and "unigram baseline" in out.stdout and "sample:" in out.stdout
+    # the checkpoint carries its tokenizer and a chat template: `zamba2 chat` runs it as it runs a Hub model
+    checkpoint = tmp_path / "demo" / "checkpoint"
+    assert {"tokenizer.model", "tokenizer_config.json"} <= {f.name for f in checkpoint.iterdir()}
+    out = subprocess.run([sys.executable, "-m", "zamba2", "chat", "--model", str(checkpoint), "--max-new-tokens", "3"],
+                         input="Hello\n", capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.endswith("\n") and out.stderr == "", out.stderr  # 4 steps: any text
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "zamba2"
 # low to high: a module may import its own layer and those before it (pipeline also uses training's shard writer)
-LAYERS = ["errors", "text", "ops", "model", "infer", "train", "eval", "serve", "pipeline", "demo", "__main__"]
+LAYERS = ["errors", "hub", "text", "ops", "model", "infer", "train", "eval", "serve", "pipeline", "demo", "__main__"]
 ALLOWED_UP = {("pipeline", "zamba2.train.data")}
 
 

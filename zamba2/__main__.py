@@ -23,28 +23,35 @@ def utf8_text(s: str) -> str:
 
 
 def cmd_generate(args) -> None:
-    import torch
-
-    from .infer.generate import stream
+    from .infer.generate import stream_text
     from .infer.load import load_for_inference
 
-    model, tok = load_for_inference(args.model, args.dtype, args.device, args.int8, args.int4)
+    model, tok = load_for_inference(args.model, args.dtype, args.device, args.int8, args.int4, args.revision)
     draft = "prompt-lookup" if args.prompt_lookup else None
     if args.draft:
         draft = load_for_inference(args.draft, args.dtype, args.device, args.draft_int8)[0]
     ids = tok.encode(args.prompt)
-    push = tok.stream_decoder()
-    for i in ids:  # feed the prompt so the continuation decodes in context (leading spaces, split characters)
-        push(i)
     eos = model.config.eos_token_ids if not args.ignore_eos else None
-    for token in stream(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed, draft=draft,
-                        num_speculative=args.num_speculative):
-        if eos and int(token[0]) in eos:
-            break
-        sys.stdout.write(push(int(token[0])))
+    for _, text in stream_text(model, tok, ids, args.max_new_tokens, eos, context=ids, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, draft=draft,
+                               num_speculative=args.num_speculative):
+        sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_chat(args) -> None:
+    from .hub import resolve
+    from .infer.chat import ChatSession, chat, terminal_lines
+    from .infer.load import load_for_inference
+    from .text.chat import chat_template
+
+    folder = resolve(args.model, args.revision)
+    model, tok = load_for_inference(folder, args.dtype, args.device, args.int8, args.int4)
+    session = ChatSession(model, tok, chat_template(folder, tok), args.system, args.max_new_tokens, args.temperature,
+                          args.top_k, args.top_p, args.seed, args.max_context)
+    interactive = sys.stdin.isatty()
+    chat(session, terminal_lines() if interactive else sys.stdin, sys.stdout, interactive)
 
 
 def cmd_quantize(args) -> None:
@@ -52,16 +59,16 @@ def cmd_quantize(args) -> None:
 
     from .infer.quant import quantize_checkpoint
 
-    quantize_checkpoint(args.model, args.out, args.bits, args.group_size, getattr(torch, args.dtype))
+    quantize_checkpoint(args.model, args.out, args.bits, args.group_size, getattr(torch, args.dtype), args.revision)
     print(f"int{args.bits} weights" + (f" (groups of {args.group_size})" if args.bits == 4 else "") + f" -> {args.out}")
 
 
 def cmd_prepare(args) -> None:
     from .text.read import read_documents
     from .train.data import prepare
-    from .text.tokenizer import Tokenizer, load_tokenizer
+    from .text.tokenizer import named_tokenizer
 
-    tok = Tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer()
+    tok = named_tokenizer(args.tokenizer)
     stats: dict = {}
     meta = prepare(read_documents(args.inputs, args.text_key, stats), args.out, tok, args.shard_tokens, stats)
     print(f"{meta['docs']:,} documents, {meta['tokens']:,} tokens in {len(meta['shards'])} shard(s) -> {args.out}"
@@ -70,11 +77,13 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from .train import parallel
-    from .train.trainer import Trainer, TrainConfig
+    from .train.trainer import Trainer, TrainConfig, start_folder
 
     flags = dict(data=args.data, out=args.out, model=args.model, steps=args.steps)
     cfg = TrainConfig.from_toml(args.config, **flags) if args.config else TrainConfig.from_dict(
         {k: v for k, v in flags.items() if v is not None})
+    if args.revision:  # a Hub repo id at a revision: the run starts from its downloaded folder
+        cfg.model = str(start_folder(cfg.model, args.revision))
     try:
         Trainer(cfg, resume=args.resume).run()
     finally:
@@ -84,7 +93,7 @@ def cmd_train(args) -> None:
 def finetune_config(args):
     """TrainConfig + LoRA (or None) from the `finetune` flags."""
     from .train.lora import LoRA
-    from .train.trainer import TrainConfig
+    from .train.trainer import TrainConfig, start_folder
 
     lora = None
     if args.lora_rank:
@@ -92,7 +101,8 @@ def finetune_config(args):
                     base_dtype=args.lora_base_dtype, seed=args.seed,
                     **({"targets": args.lora_targets} if args.lora_targets else {}))
     lr = args.lr if args.lr is not None else (2e-4 if lora else 2e-5)  # adapters start at zero: they take a larger lr
-    cfg = TrainConfig(data=args.data, out=args.out, model=args.model, seq_len=args.seq_len,
+    model = str(start_folder(args.model, args.revision)) if args.revision else args.model
+    cfg = TrainConfig(data=args.data, out=args.out, model=model, seq_len=args.seq_len,
                       batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, lr=lr,
                       warmup_steps=args.warmup_steps, weight_decay=0.0, dtype=args.dtype, device=args.device,
                       val_fraction=args.val_fraction, eval_every=args.eval_every, eval_batches=args.eval_batches,
@@ -135,7 +145,7 @@ def cmd_serve(args) -> None:
                     max_body_bytes=args.max_body_bytes, prefix_cache_mb=args.prefix_cache_mb,
                     prefill_chunk=args.prefill_chunk)
     serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits, args.int8,
-          args.int4, args.api_key or os.environ.get("ZAMBA2_API_KEY") or None, args.drain_timeout)
+          args.int4, args.api_key or os.environ.get("ZAMBA2_API_KEY") or None, args.drain_timeout, args.revision)
 
 
 def cmd_eval_perplexity(args) -> None:
@@ -143,7 +153,7 @@ def cmd_eval_perplexity(args) -> None:
     from .infer.load import load_for_inference
     from .text.read import read_documents
 
-    model, tok = load_for_inference(args.model, args.dtype, args.device)
+    model, tok = load_for_inference(args.model, args.dtype, args.device, revision=args.revision)
     stats: dict = {}
     r = perplexity(model, tok, read_documents(args.data, args.text_key, stats), args.window, args.stride)
     print(f"perplexity {r['perplexity']:.3f} ({r['nll_per_token']:.4f} nats/token) over {r['tokens']:,} tokens in "
@@ -159,7 +169,7 @@ def cmd_eval_lm_eval(args) -> None:
     from .eval.harness import evaluate
 
     results = evaluate(args.model, args.tasks.split(","), args.include_path, args.num_fewshot, args.limit,
-                       args.batch_size, args.dtype, args.device, args.max_length)
+                       args.batch_size, args.dtype, args.device, args.max_length, args.revision)
     print(make_table(results))
     if args.output:
         with open(args.output, "w") as f:
@@ -220,6 +230,13 @@ def add_finetune_flags(f: argparse.ArgumentParser, out: str) -> None:
                    help="write OUT/merged, a plain checkpoint with the adapters folded in (else OUT/adapter)")
 
 
+def add_model_flags(p: argparse.ArgumentParser, what: str = "checkpoint folder (config.json + safetensors)") -> None:
+    """--model (a folder or a Hub repo id, zamba2/hub.py) and --revision."""
+    p.add_argument("--model", required=True, help=f"{what}, or a Hugging Face Hub repo id such as "
+                   "Zyphra/Zamba2-1.2B-instruct (downloaded once into the Hugging Face cache)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub --model (default main)")
+
+
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
     """--int8 | --int4: weight-only quantization of a float checkpoint as it loads."""
     q = p.add_mutually_exclusive_group()
@@ -236,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue a prompt, streaming tokens as they come")
-    g.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    add_model_flags(g)
     g.add_argument("--prompt", required=True, type=utf8_text, help="text to continue (BOS is added)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     # sampling
@@ -262,8 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="propose K tokens every step (default: adaptive, 0 to 4 by measured acceptance and speed)")
     g.set_defaults(func=cmd_generate)
 
+    c = sub.add_parser("chat", help="chat in the terminal (or over piped stdin, a line per turn), the conversation's "
+                       "cache carried from turn to turn")
+    add_model_flags(c)
+    c.add_argument("--system", default=None, type=utf8_text, help="system prompt (change it with /system TEXT)")
+    c.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    c.add_argument("--max-context", type=int, default=None,
+                   help="tokens the conversation may fill before /reset is needed (default: the model's context, "
+                        "max_position_embeddings in its config.json)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    c.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    c.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    c.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    add_quant_flags(c)
+    c.set_defaults(func=cmd_chat)
+
     q = sub.add_parser("quantize", help="write a checkpoint with int8 or int4 weights, which every command loads as is")
-    q.add_argument("--model", required=True, help="float checkpoint folder (config.json + safetensors)")
+    add_model_flags(q, "float checkpoint folder (config.json + safetensors)")
     q.add_argument("--out", required=True, help="folder to write (config.json records the format)")
     q.add_argument("--bits", type=int, choices=(8, 4), required=True, help="8: a scale per row; 4: per group")
     q.add_argument("--group-size", type=int, default=64, help="int4 weights per scale and offset (default 64)")
@@ -281,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help=".txt files (one document each), .jsonl (one per line) or .parquet "
                     "(one per row), optionally .gz / .zst")
     pr.add_argument("--out", required=True, help="output data folder")
-    pr.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model (default Mistral v0.1)")
+    pr.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model, or a checkpoint folder or "
+                    "Hub repo id to take it from (default Mistral v0.1)")
     pr.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
     pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
     pr.set_defaults(func=cmd_prepare)
@@ -290,13 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="run.toml with a [train] table (TrainConfig fields)")
     t.add_argument("--data", default=None, help="prepared data folder (overrides the config)")
     t.add_argument("--out", default=None, help="output folder (overrides the config)")
-    t.add_argument("--model", default=None, help="preset name or checkpoint folder (overrides the config)")
+    t.add_argument("--model", default=None,
+                   help="preset name, checkpoint folder or Hugging Face Hub repo id (overrides the config)")
+    t.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model (default main)")
     t.add_argument("--steps", type=int, default=None, help="phase-1 steps (overrides the config)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.set_defaults(func=cmd_train)
 
     f = sub.add_parser("finetune", help="chat SFT of a checkpoint (loss on assistant turns only), full or LoRA")
-    f.add_argument("--model", required=True, help="checkpoint folder to start from")
+    add_model_flags(f, "checkpoint folder to start from")
     f.add_argument("--data", required=True, help='chat JSONL: {"messages": [{"role", "content"}, ...]} per line')
     f.add_argument("--too-long", choices=("truncate", "drop"), default="truncate",
                    help="conversations longer than --seq-len: cut at seq-len, or skip (default truncate)")
@@ -304,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_finetune)
 
     o = sub.add_parser("dpo", help="direct preference optimisation on chosen/rejected pairs, full or LoRA")
-    o.add_argument("--model", required=True, help="checkpoint folder to start from (also the frozen reference)")
+    add_model_flags(o, "checkpoint folder to start from (also the frozen reference)")
     o.add_argument("--data", required=True,
                    help='pairs JSONL: {"prompt", "chosen", "rejected"} per line (strings or chat messages)')
     o.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default 0.1)")
@@ -312,10 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_dpo)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat) with continuous batching")
-    s.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    add_model_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    s.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: folder name)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the `model` name clients use (default: the Hub repo id, or the folder's name)")
     s.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     add_quant_flags(s)
@@ -342,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity, or lm-evaluation-harness tasks on the model")
     esub = e.add_subparsers(dest="what", required=True)
     ep = esub.add_parser("perplexity", help="sliding-window token perplexity of .txt / .jsonl / .parquet documents")
-    ep.add_argument("--model", required=True, help="checkpoint folder")
+    add_model_flags(ep, "checkpoint folder")
     ep.add_argument("--data", required=True, nargs="+",
                     help=".txt (one document each), .jsonl or .parquet files, optionally .gz / .zst")
     ep.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
@@ -350,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--stride", type=int, default=None, help="tokens a window advances (default window / 2)")
     ep.set_defaults(func=cmd_eval_perplexity)
     el = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks with the `zamba2` model (offline tasks bundled)")
-    el.add_argument("--model", required=True, help="checkpoint folder")
+    add_model_flags(el, "checkpoint folder")
     el.add_argument("--tasks", required=True, help="comma-separated: zamba2_mc, zamba2_ppl, zamba2_qa or any lm-eval task")
     el.add_argument("--include-path", default=None, help="a folder of your own task YAMLs")
     el.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
@@ -396,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
             s_.add_argument("--keep-labels", nargs="+", default=None, help="labels to keep, e.g. High")
             s_.add_argument("--min-score", type=float, default=None, help="keep documents scoring at least this")
         if name == "tokenize":
-            s_.add_argument("--tokenizer", default=None, help="tokenizer.json / .model (default Mistral v0.1)")
+            s_.add_argument("--tokenizer", default=None, help="tokenizer.json / .model, or a checkpoint folder or Hub "
+                            "repo id to take it from (default Mistral v0.1)")
     da.set_defaults(func=cmd_data)
     return p
 

@@ -4,7 +4,9 @@ The corpus is the Python documentation's topic pages (`pydoc_data.topics`, about
 tokenized with the Mistral v0.1 tokenizer from mistral-common. A small Zamba2 (every feature of the
 real ones: Mamba2 layers, a shared attention block with RoPE and adapters) trains for a few minutes;
 the demo reports validation perplexity against a unigram baseline, saves a checkpoint that
-zamba2.load and transformers read, and generates a sample from it.
+zamba2.load and transformers read, and generates a sample from it. The checkpoint carries its tokenizer and a
+chat template (the built-in one), so `zamba2 chat --model runs/demo/checkpoint` and `zamba2 serve` run it as they
+run a Hub model (the model is pretrained on documentation, not tuned to chat: expect text, not answers).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .model.checkpoint import load
 from .model.score import IGNORE
 from .train.data import prepare
 from .infer.generate import generate
+from .text.chat import save_tokenizer
 from .text.tokenizer import load_tokenizer
 from .train.trainer import Trainer, TrainConfig, evaluate
 
@@ -50,6 +53,7 @@ def demo(out: str | Path = "runs/demo", steps: int = 150, seed: int = 0) -> dict
     import pydoc_data.topics
 
     out = Path(out)
+    print(f"writing to {out.resolve()}: the prepared corpus (data/), the checkpoint (checkpoint/), metrics.jsonl")
     tok = load_tokenizer()
     docs = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
     meta = prepare(docs, out / "data", tok)
@@ -71,11 +75,12 @@ def demo(out: str | Path = "runs/demo", steps: int = 150, seed: int = 0) -> dict
     base = unigram_loss(trainer, cfg.eval_batches)
     print(f"trained in {minutes:.1f} min; validation perplexity {math.exp(val):.1f} "
           f"(unigram baseline {math.exp(base):.1f})")
+    save_tokenizer(tok, out / "checkpoint")
     model = load(out / "checkpoint")
     prompt = "The for statement"
     ids = torch.tensor([tok.encode(prompt)])
     sample = generate(model, ids, max_new_tokens=48, temperature=0.7, top_k=40, seed=seed,
                       eos_token_id=tok.eos_id)
     text = tok.decode(sample[0].tolist())
-    print(f"checkpoint: {out / 'checkpoint'}\nsample:\n{text}")
+    print(f"checkpoint: {out / 'checkpoint'} (try: zamba2 chat --model {out / 'checkpoint'})\nsample:\n{text}")
     return {"val_ppl": math.exp(val), "unigram_ppl": math.exp(base), "minutes": minutes, "sample": text}

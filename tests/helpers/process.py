@@ -25,9 +25,9 @@ def start_server(folder, name, *flags, env: dict | None = None):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it while the server runs
+    named = ["--served-model-name", name] if name is not None else []  # None: the server's default name
     proc = subprocess.Popen([sys.executable, "-m", "zamba2", "serve", "--model", str(folder), "--port", str(port),
-                             "--served-model-name", name, *flags], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            text=True)
+                             *named, *flags], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60

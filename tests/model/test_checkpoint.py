@@ -140,7 +140,7 @@ def test_malformed_files(tmp_path):
     (path / "config.json").write_text("{oops")
     with pytest.raises(ValueError, match="not valid JSON"):
         zamba2.load(path)
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(ValueError, match="no such folder, and not a Hugging Face Hub repo id"):
         zamba2.load(tmp_path / "nowhere")
 
 

@@ -104,3 +104,22 @@ def test_sigterm_drains_then_exits_0(checkpoint, timeout, finishes):
     else:
         assert "shutting down" in rest[-1]["error"]["message"]
     assert "drained" in output(proc)
+
+
+def test_a_demo_like_checkpoint_serves_chat_under_its_run_name(tmp_path):
+    """What `zamba2 demo` writes (a checkpoint carrying its tokenizer and chat template, in runs/<name>/checkpoint)
+    serves chat completions under the run's name."""
+    from zamba2.text.chat import save_tokenizer
+
+    folder = tmp_path / "demo" / "checkpoint"
+    zamba2.save(random_model(zamba2.tiny(vocab_size=32000)), folder)
+    save_tokenizer(zamba2.load_tokenizer(), folder)
+    proc, url = start_server(folder, None)
+    try:
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["demo"]
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "demo", "max_tokens": 3,
+                                                            "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -30,14 +30,15 @@ from ..model.score import token_logprobs
 @register_model("zamba2")
 class Zamba2Harness(TemplateLM):
     def __init__(self, pretrained: str, dtype: str = "float32", device: str | None = "cpu", batch_size: int | str = 1,
-                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = False, **unused):
+                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = False,
+                 revision: str | None = None, **unused):
         super().__init__()
         if dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
         device = device or "cpu"
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line asks for cuda by default; its HF model falls back the same way
-        self.model, self.tok = load_for_inference(pretrained, dtype, device)
+        self.model, self.tok = load_for_inference(pretrained, dtype, device, revision=revision)
         cfg = self.model.config
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)  # no memory probing
         self.max_length = int(max_length or cfg.max_position_embeddings)
@@ -133,7 +134,7 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 
 def evaluate(model_path: str, tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None,
              limit: int | None = None, batch_size: int = 1, dtype: str = "float32", device: str = "cpu",
-             max_length: int | None = None) -> dict:
+             max_length: int | None = None, revision: str | None = None) -> dict:
     """lm_eval.simple_evaluate on the `zamba2` model, with the bundled offline tasks (tasks/) on the task path."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -149,6 +150,8 @@ def evaluate(model_path: str, tasks: list[str], include_path: str | None = None,
     model_args = {"pretrained": model_path, "dtype": dtype}  # device and batch_size travel separately
     if max_length:
         model_args["max_length"] = max_length
+    if revision:
+        model_args["revision"] = revision
     return simple_evaluate(model="zamba2", model_args=model_args, tasks=tasks, task_manager=manager,
                            num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..hub import resolve
 from ..model.checkpoint import load, save
 from ..model.zamba2 import Zamba2LM
 from ..ops.layers import INT4_GROUP, Linear, Quantization
@@ -51,12 +52,13 @@ def quantize_int4(model: Zamba2LM, group_size: int = INT4_GROUP) -> Zamba2LM:
 
 
 def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, bits: int, group_size: int = INT4_GROUP,
-                        dtype: torch.dtype = torch.float32) -> Zamba2LM:
+                        dtype: torch.dtype = torch.float32, revision: str | None = None) -> Zamba2LM:
     """`zamba2 quantize`: write the checkpoint at `src` with `bits`-bit projections to folder `out`, which every
     loader then reads as it is (its config.json records the format), with the other files of `src` (tokenizer,
-    generation config). Quantized while reading (see checkpoint.load); the rest of the weights, and the weights the
-    projections are quantized from, in `dtype`. Returns the quantized model."""
-    src, out = Path(src), Path(out)
+    generation config). `src` may be a Hub repo id (at `revision`, hub.resolve). Quantized while reading (see
+    checkpoint.load); the rest of the weights, and the weights the projections are quantized from, in `dtype`.
+    Returns the quantized model."""
+    src, out = resolve(src, revision), Path(out)
     if out.resolve() == src.resolve():
         raise UserError(f"--out {out} is the source checkpoint; write the quantized one to another folder")
     model = load(src, dtype, "cpu", Quantization(bits, group_size if bits == 4 else None))

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError, device as check_device, naming, read_json
+from ..hub import resolve
 from ..ops.layers import Linear, Quantization
 from .config import Config
 from .zamba2 import Zamba2LM
@@ -242,19 +243,18 @@ def stored_quantization(path: Path) -> Quantization | None:
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         quantization: Quantization | None = None) -> Zamba2LM:
+         quantization: Quantization | None = None, revision: str | None = None) -> Zamba2LM:
     """Load a Hugging Face style Zamba2 folder (official Hub layout or transformers' save_pretrained), or one that
-    `zamba2 quantize` wrote (its weight format is in its config.json).
+    `zamba2 quantize` wrote (its weight format is in its config.json). `path` may be a Hub repo id instead
+    (hub.resolve: downloaded at `revision`, or found in the Hugging Face cache); a folder that exists wins.
 
     Tensors are read one at a time and converted to `dtype`. With `quantization`, each projection is quantized
     as soon as its weights are read, so a float copy of the whole model never exists: the peak is the quantized
     model plus about one float tensor (bench/big_load.py measures it on the 7B shape). The result equals loading
     in float and quantizing after.
     """
-    path = Path(path)
-    device = check_device(device)  # a clear error before reading gigabytes of weights
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
+    device = check_device(device)  # a clear error before reading gigabytes of weights (or downloading them)
+    path = resolve(path, revision)
     cfg = Config.from_json(path / "config.json")
     stored = stored_quantization(path)
     if stored and quantization not in (None, stored):

@@ -52,11 +52,11 @@ def _source(cfg: PipelineConfig, name: str) -> Source:
 
 
 def _tokenizer(cfg: PipelineConfig):
-    from ..text.tokenizer import Tokenizer, load_tokenizer
+    from ..text.tokenizer import named_tokenizer
 
     key = ("tok", cfg.tokenize.tokenizer)
     if key not in _CACHE:
-        _CACHE[key] = Tokenizer(cfg.tokenize.tokenizer) if cfg.tokenize.tokenizer else load_tokenizer()
+        _CACHE[key] = named_tokenizer(cfg.tokenize.tokenizer)
     return _CACHE[key]
 
 

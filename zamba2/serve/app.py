@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -267,17 +266,20 @@ def create_app(server: Server, api_key: str | None = None) -> FastAPI:
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "cpu",
           name: str | None = None, limits: Limits | None = None, int8: bool = False, int4: bool = False,
-          api_key: str | None = None, drain_timeout: float = 30.0) -> None:
-    """Load a checkpoint and serve it with uvicorn until interrupted (SIGINT) or drained (SIGTERM)."""
+          api_key: str | None = None, drain_timeout: float = 30.0, revision: str | None = None) -> None:
+    """Load a checkpoint (a folder, or a Hub repo id at `revision`) and serve it with uvicorn until interrupted
+    (SIGINT) or drained (SIGTERM)."""
+    from ..hub import resolve, served_name
     from ..infer.generate import generate
     from ..infer.load import load_for_inference
     from ..ops import kernels
 
-    model, tokenizer = load_for_inference(model_path, dtype, device, int8, int4)
+    folder = resolve(model_path, revision)
+    model, tokenizer = load_for_inference(folder, dtype, device, int8, int4)
     if model.device.type == "cpu":
         kernels.get()  # built or loaded now, before the server reports healthy, never inside a request
     generate(model, [[model.config.bos_token_id or 0]], 2)  # first-call costs (compiled step, allocator) paid here
-    server = Server(model, tokenizer, model_path, name or Path(model_path).resolve().name, limits)
+    server = Server(model, tokenizer, folder, name or served_name(model_path), limits)
     _log_access()
     config = uvicorn.Config(create_app(server, api_key), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=5)

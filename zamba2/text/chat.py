@@ -113,6 +113,21 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+def save_tokenizer(tokenizer: Tokenizer, folder: str | Path, template: str = BUILTIN_TEMPLATE) -> None:
+    """Write `tokenizer` into checkpoint `folder` as load_tokenizer and chat_template read it back: its file
+    (tokenizer.json or tokenizer.model) and a tokenizer_config.json naming the special tokens and the chat template."""
+    import json
+    import shutil
+
+    folder = Path(folder)
+    name = "tokenizer.json" if tokenizer.path.suffix == ".json" else "tokenizer.model"
+    shutil.copyfile(tokenizer.path, folder / name)
+    config = {"bos_token": tokenizer.piece(tokenizer.bos_id) if tokenizer.bos_id is not None else None,
+              "eos_token": tokenizer.piece(tokenizer.eos_id) if tokenizer.eos_id is not None else None,
+              "chat_template": template}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def chat_template(folder: str | Path | None, tokenizer: Tokenizer) -> ChatTemplate:
     """The checkpoint's template (tokenizer_config.json), else BUILTIN_TEMPLATE (what fine-tuning trains with)."""
     cfg = read_tokenizer_config(folder)

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..hub import TOKENIZER_FILES, resolve
 
 
 def mistral_v1_model_path() -> Path:
@@ -101,14 +102,25 @@ class Tokenizer:
         return push
 
 
-def load_tokenizer(folder: str | Path | None = None, model_vocab_size: int | None = None) -> Tokenizer:
+def load_tokenizer(folder: str | Path | None = None, model_vocab_size: int | None = None,
+                   revision: str | None = None) -> Tokenizer:
     """The tokenizer of a checkpoint folder, falling back to the Mistral v0.1 model from mistral-common.
+    `folder` may be a Hub repo id instead (only its tokenizer files are fetched, at `revision`; see hub.resolve).
 
     With `model_vocab_size`, a tokenizer with more tokens than the model's embedding is refused: its
     extra ids would fail deep inside the model."""
     names = ("tokenizer.json", "tokenizer.model")
+    folder = resolve(folder, revision, TOKENIZER_FILES) if folder is not None else None
     found = [Path(folder) / n for n in names if (Path(folder) / n).exists()] if folder is not None else []
     tok = Tokenizer(found[0] if found else mistral_v1_model_path())
     if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
         raise UserError(f"{tok.path}: the tokenizer has {tok.vocab_size} tokens but the model only {model_vocab_size}")
     return tok
+
+
+def named_tokenizer(name: str | None) -> Tokenizer:
+    """A `--tokenizer` flag: a tokenizer.json / tokenizer.model file, or a checkpoint folder or Hub repo id (its
+    tokenizer, as load_tokenizer finds it); None: Mistral v0.1."""
+    if name is not None and (Path(name).is_file() or str(name).endswith((".json", ".model"))):
+        return Tokenizer(name)  # a missing file says so, rather than being asked of the Hub
+    return load_tokenizer(name)

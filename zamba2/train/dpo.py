@@ -156,9 +156,9 @@ def dpo(cfg, beta: float = 0.1, lora=None, merge: bool = False, resume: bool = F
 
     Output as `finetune`: OUT/checkpoint, or with LoRA OUT/adapter or OUT/merged. Returns the data counts."""
     from .finetune import finetune
-    from .trainer import build_model, compute_dtype
+    from .trainer import build_model, compute_dtype, start_folder
 
-    folder = Path(cfg.model) if Path(cfg.model).is_dir() else None
+    folder = start_folder(cfg.model)  # None for a preset
     stats: dict = {}
     tokenizer = load_tokenizer(folder)
     rows = read_pairs(cfg.data, tokenizer, folder, cfg.seq_len, stats)

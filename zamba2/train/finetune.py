@@ -16,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .. import hub
 from ..errors import UserError
 from . import parallel
 from ..model.checkpoint import save
@@ -25,18 +26,18 @@ from ..model.zamba2 import Zamba2LM
 from ..text.chat import BUILTIN_TEMPLATE, read_tokenizer_config
 from .sft import chat_loaders
 from ..text.tokenizer import load_tokenizer
-from .trainer import Trainer, TrainConfig
+from .trainer import Trainer, TrainConfig, start_folder
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "special_tokens_map.json")
+TOKENIZER_FILES = [f for f in hub.TOKENIZER_FILES if f != "tokenizer_config.json"]  # the config is rewritten
 
 
-def write_tokenizer_files(model: str | Path, dst: Path) -> None:
-    """Copy the base checkpoint's tokenizer files to dst, with tokenizer_config.json holding the chat template."""
-    src = Path(model)
-    for name in TOKENIZER_FILES:
+def write_tokenizer_files(src: Path | None, dst: Path) -> None:
+    """Copy the base checkpoint's tokenizer files (none from a preset: src None) to dst, with tokenizer_config.json
+    holding the chat template."""
+    for name in TOKENIZER_FILES if src is not None else ():
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
-    cfg = read_tokenizer_config(src if src.is_dir() else None)
+    cfg = read_tokenizer_config(src)
     cfg.setdefault("chat_template", BUILTIN_TEMPLATE)
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
@@ -50,13 +51,13 @@ def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, re
     already built for the reference log-probs, and reuses everything else."""
     if merge and lora is None:
         raise UserError("--merge needs LoRA (--lora-rank); a full fine-tune is already a plain checkpoint")
-    model_dir = Path(cfg.model)
-    if merge and model_dir.is_dir():  # fail now, not after training
+    model_dir = start_folder(cfg.model)  # None for a preset
+    if merge and model_dir is not None:  # fail now, not after training
         lora.check_mergeable(Config.from_json(model_dir / "config.json"))
     stats = stats if stats is not None else {}
     if loaders is None:
-        tok = load_tokenizer(model_dir if model_dir.is_dir() else None)
-        loaders = chat_loaders(cfg.data, model_dir if model_dir.is_dir() else None, tok, cfg.seq_len,
+        tok = load_tokenizer(model_dir)
+        loaders = chat_loaders(cfg.data, model_dir, tok, cfg.seq_len,
                                cfg.batch_size, cfg.val_fraction, too_long, cfg.seed, stats)
     try:
         trainer = Trainer(cfg, resume=resume, loaders=loaders, lora=lora, objective=objective, model=model)
@@ -74,7 +75,7 @@ def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, re
             if trainer.rank == 0:
                 save(merge_lora(model), out) if merge else lora.save(model, out)
         if trainer.rank == 0:
-            write_tokenizer_files(cfg.model, out)
+            write_tokenizer_files(model_dir, out)
     finally:
         parallel.cleanup()
     stats["output"] = str(out)

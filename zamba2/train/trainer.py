@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, check_choice, check_keys, check_range, check_types, device, naming, read_toml
+from ..hub import resolve
 from ..model import checkpoint
 from . import parallel
 from ..model.config import PRESETS, Config, preset
@@ -160,14 +161,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def start_folder(model: str, revision: str | None = None) -> Path | None:
+    """The checkpoint folder a run starts from: None for a preset, else the folder `model`, or the Hub repo `model`
+    downloaded at `revision` (hub.resolve)."""
+    if model in PRESETS:
+        if revision is not None:
+            raise UserError(f"model {model!r} is a preset; a revision applies only to a Hugging Face Hub repo id")
+        return None
+    if not Path(model).is_dir() and model.count("/") != 1:  # not a Hub repo id either: say what is accepted
+        raise UserError(f"model {model!r} is neither a preset {sorted(PRESETS)}, a checkpoint folder nor a Hugging "
+                        "Face Hub repo id")
+    return resolve(model, revision)
+
+
 def build_model(cfg: TrainConfig) -> Zamba2LM:
     if cfg.model in PRESETS:
         mc = preset(cfg.model, **(cfg.model_overrides or {}))
         torch.manual_seed(cfg.seed)
         return Zamba2LM(mc)
-    if not Path(cfg.model).is_dir():
-        raise UserError(f"model {cfg.model!r} is neither a preset {sorted(PRESETS)} nor a checkpoint folder")
-    model = checkpoint.load(cfg.model)
+    model = checkpoint.load(start_folder(cfg.model))
     if model.quantized:
         raise UserError(f"{cfg.model} holds {model.quantized}-quantized weights, which are for inference only: "
                         "train from the float checkpoint it was made from")
