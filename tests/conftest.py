@@ -53,3 +53,19 @@ def hf_reference(cfg: zamba2.Config, path, seed=0):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path)
     return model
+
+
+def hf_zamba1_reference(cfg, path, seed=0):
+    """A random transformers ZambaForCausalLM (Zamba1) for our Zamba1Config, saved with save_pretrained at `path`;
+    returns it (eval, fp32). Norms and D are perturbed so that they are checked."""
+    from transformers import ZambaConfig, ZambaForCausalLM
+
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("architectures", "model_type")}
+    torch.manual_seed(seed)
+    model = ZambaForCausalLM(ZambaConfig(**d)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("layernorm.weight", ".D", "dt_proj_bias")):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
