@@ -24,7 +24,7 @@ def random_model(cfg=None, seed=0, **overrides) -> zamba2.Zamba2LM:
     """Our model with random weights, the norms and D perturbed too so that every parameter matters."""
     cfg = cfg or zamba2.tiny(**overrides)
     torch.manual_seed(seed)
-    model = zamba2.Zamba2LM(cfg)
+    model = (zamba2.Zamba1LM if cfg.model_type == "zamba" else zamba2.Zamba2LM)(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("layernorm.weight", "norm.weight", ".D")):

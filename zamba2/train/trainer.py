@@ -147,7 +147,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return floor + (cfg.lr - floor) * (1 - (step - decay_start) / max(cfg.steps - decay_start, 1))
 
 
-NO_DECAY = ("A_log", "D", "dt_bias")
+NO_DECAY = ("A_log", "D", "dt_bias", "dt_proj_bias")  # dt_proj_bias: Zamba1's per-channel dt bias [h, p]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
