@@ -88,3 +88,19 @@ def test_documents_reset_the_state(chunk):
         alone, s_alone = selective_scan_sequential(x[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], S0 if i == 0 else None)
         torch.testing.assert_close(y[:, a:b], alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s, s_alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_doc", [False, True])
+def test_chunked_gradients_equal_sequential(with_doc):
+    """Training backpropagates through the chunked form: its gradients must be the recurrence's."""
+    x, dt, A, B, C, S0 = inputs(l=29)
+    doc = torch.tensor([[0] * 6 + [1] * 9 + [2] * 14, [0] * 20 + [1] * 9]) if with_doc else None
+    grads = []
+    for scan in (lambda *a: selective_scan_sequential(*a, doc=doc),
+                 lambda *a: selective_scan_chunked(*a[:5], 5, a[5], doc=doc)):
+        leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C, S0)]
+        y, s = scan(*leaves)
+        (y.square().sum() + s.sin().sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for g_chunked, g_ref in zip(*grads[::-1]):
+        torch.testing.assert_close(g_chunked, g_ref, rtol=1e-4, atol=1e-4)

@@ -174,3 +174,29 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(UserError, match="model_type"):
         zamba2.load(tmp_path)
     assert hybrid_pattern(9, 6, 4) == ["mamba", "mamba", "hybrid"] + ["mamba"] * 4 + ["hybrid", "mamba"]
+
+
+def test_bfloat16_close_to_float32_and_decodes_like_its_forward():
+    from conftest import random_model
+    from zamba2.model.zamba1_config import tiny
+
+    model = random_model(tiny())
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        ref = model(ids)
+        model.to(torch.bfloat16)
+        out = model(ids)
+        assert rel_err(out.float(), ref) < 0.05
+        cache = model.new_cache(2)
+        steps = torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
+    assert rel_err(steps.float(), out.float()) < 0.05
+
+
+def test_sharded_checkpoint_loads(pair, tmp_path):
+    """The published layout: shards listed in model.safetensors.index.json."""
+    _, ours, _ = pair
+    zamba2.save(ours, tmp_path / "m", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    again = zamba2.load(tmp_path / "m")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
