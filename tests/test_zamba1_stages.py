@@ -115,10 +115,12 @@ def test_packed_documents_are_isolated(model):
             assert ((packed[:, a:b] - alone).abs().max() / alone.abs().max()).item() < 1e-5
 
 
-def test_training_a_few_steps(checkpoint, data_dir, tmp_path):
-    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), model=str(checkpoint), seq_len=64,
-                      batch_size=2, steps=3, warmup_steps=1, eval_every=100, save_every=100, log_every=1,
-                      device="cpu", dtype="float32")
+@pytest.mark.parametrize("start", ["checkpoint", "preset"])
+def test_training_a_few_steps(checkpoint, data_dir, tmp_path, start):
+    model = dict(model=str(checkpoint)) if start == "checkpoint" else dict(model="zamba1-tiny", model_overrides=TINY)
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), seq_len=64, batch_size=2, steps=3,
+                      warmup_steps=1, eval_every=100, save_every=100, log_every=1, device="cpu", dtype="float32",
+                      **model)
     losses = Trainer(cfg).run()
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     trained = zamba2.load(tmp_path / "run" / "checkpoint")

@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="run.toml with a [train] table (TrainConfig fields)")
     t.add_argument("--data", default=None, help="prepared data folder (overrides the config)")
     t.add_argument("--out", default=None, help="output folder (overrides the config)")
-    t.add_argument("--model", default=None, help="preset name or checkpoint folder (overrides the config)")
+    t.add_argument("--model", default=None, help="preset name (Zamba1: zamba1-tiny, zamba1-small, ...) or checkpoint "
+                                                  "folder (overrides the config)")
     t.add_argument("--steps", type=int, default=None, help="phase-1 steps (overrides the config)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.set_defaults(func=cmd_train)

@@ -192,3 +192,10 @@ def zamba_7b(**overrides) -> Zamba1Config:
 
 
 PRESETS = {"tiny": tiny, "small": small, "7b-shape": zamba_7b}
+
+
+def preset(name: str, **overrides) -> Zamba1Config:
+    if name not in PRESETS:
+        raise UserError(f"unknown Zamba1 preset {name!r}; choose from {sorted(PRESETS)}")
+    check_keys(f"preset {name!r}", overrides, [f.name for f in fields(Zamba1Config)], "Zamba1Config field")
+    return PRESETS[name](**overrides)
