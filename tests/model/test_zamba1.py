@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import zamba2
-from conftest import hf_zamba1_reference
+from conftest import hf_zamba1_reference, random_model
 from zamba2.errors import UserError
 from zamba2.model.checkpoint import CheckpointError
 from zamba2.model.zamba1 import Zamba1LM
-from zamba2.model.zamba1_config import Zamba1Config, hybrid_pattern
+from zamba2.model.zamba1_config import Zamba1Config, hybrid_pattern, tiny
 
 transformers = pytest.importorskip("transformers")
 
@@ -177,9 +177,6 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_bfloat16_close_to_float32_and_decodes_like_its_forward():
-    from conftest import random_model
-    from zamba2.model.zamba1_config import tiny
-
     model = random_model(tiny())
     ids = torch.randint(0, 128, (2, 24))
     with torch.no_grad():

@@ -35,7 +35,7 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
         self.act = ACTIVATIONS[c.hidden_act]
 
-    def forward(self, g: Tensor, adapter: None) -> Tensor:  # `adapter`: Zamba1 has none (SharedBlock passes it)
+    def forward(self, g: Tensor, adapter: None) -> Tensor:  # SharedBlock passes the visit's adapter: None in Zamba1
         return self.down_proj(self.act(self.gate_proj(g)) * self.up_proj(g))
 
 

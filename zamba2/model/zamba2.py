@@ -13,6 +13,8 @@ Each hybrid visit j has its own rank-r adapters (LoRA-shaped, part of the base m
 the shared q/k/v and gate_up projections. `shared_blocks` is the single owner of the shared weights;
 a hybrid layer holds only its block index, its adapters and its linear.
 
+Zamba1 (zamba1.py) is this model with other parts: Zamba2LM's `mixer` and `mlp` class attributes name them.
+
 Legend: b batch, l/t sequence, d hidden, h heads, p head dim, n state size, g groups.
 """
 
