@@ -1,6 +1,7 @@
-"""zamba2 against transformers.Zamba2ForCausalLM on this machine, on the same random weights, in one run.
+"""zamba2 against transformers' Zamba2ForCausalLM (or ZambaForCausalLM) on this machine, on the same random weights,
+in one run.
 
-    python bench/compare.py --preset small [--dtype bfloat16] [--int8 | --int4 [--group-size 64]] [--long 32768]
+    python bench/compare.py [--arch zamba2 | zamba] --preset small [--dtype bfloat16] [--int8 | --int4 [--group-size 64]] [--long 32768]
                             [--threads 2] [--skip-hf] [--decode-only] [--no-kernels] [--json out.json]
 
 Measures prefill tokens/s (batch 1 at 128, 512, 2048 tokens; ours as generate and the server prefill, in
@@ -20,7 +21,10 @@ N-token prompt through zamba2.generate (in pieces) and reports the memory it add
 states.
 
 Only one model is in memory at a time: ours runs first, is saved in the Hugging Face layout, freed, and
-transformers loads the saved copy (a 1.2B model is ~5 GB in float32).
+transformers loads the saved copy (a 1.2B model is ~5 GB in float32; Zamba1's 7b-shape ~30 GB, ~15 GB in bfloat16).
+
+--arch zamba runs Zamba1 (presets tiny, small, 7b-shape: Zyphra/Zamba-7B-v1's sizes) against transformers'
+ZambaForCausalLM. Its decode has no compiled CPU step yet: it runs the model's forward.
 """
 
 from __future__ import annotations
@@ -41,9 +45,15 @@ import torch
 import torch.nn.functional as F
 
 import zamba2
+from zamba2.model import config as zamba2_config, zamba1_config
 from zamba2.ops import kernels
 from zamba2.infer.step import prefill as prefill_in_pieces
 
+# --arch -> (its presets offered here, our model class, transformers' class)
+ARCHS = {
+    "zamba2": ({k: zamba2_config.PRESETS[k] for k in ("tiny", "small", "1.2b")}, zamba2.Zamba2LM, "Zamba2ForCausalLM"),
+    "zamba": (zamba1_config.PRESETS, zamba2.Zamba1LM, "ZambaForCausalLM"),
+}
 PREFILL_LENGTHS = (128, 512, 2048)
 PROMPT, NEW_TOKENS, BATCH = 128, 64, 8
 REPS, BUDGET_S = 3, 30.0  # median of up to REPS timed runs, fewer when one run takes longer than BUDGET_S
@@ -383,7 +393,9 @@ def agreement(z: dict, h: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", required=True, choices=["tiny", "small", "1.2b"], help="model shape (random weights)")
+    ap.add_argument("--arch", default="zamba2", choices=list(ARCHS), help="Zamba2 (default) or Zamba1 ('zamba')")
+    ap.add_argument("--preset", required=True, help="model shape (random weights): tiny, small, 1.2b (zamba2); "
+                                                    "tiny, small, 7b-shape (zamba)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight and activation dtype")
     quant = ap.add_mutually_exclusive_group()
     quant.add_argument("--int8", action="store_true", help="our model with int8 weight-only matmuls")
@@ -397,6 +409,9 @@ def main() -> None:
                     help="zamba2 without its compiled CPU kernels (the torch code they replace)")
     ap.add_argument("--json", help="also write every number to this file")
     args = ap.parse_args()
+    presets, model_class, hf_class = ARCHS[args.arch]
+    if args.preset not in presets:
+        ap.error(f"--arch {args.arch} has presets {', '.join(presets)}, not {args.preset!r}")
     dtype = getattr(torch, args.dtype)
     kernels.ENABLED = not args.no_kernels
     if args.threads:
@@ -409,12 +424,12 @@ def main() -> None:
     print_limits("machine limits", limits)
 
     torch.manual_seed(0)
-    cfg = zamba2.preset(args.preset)
+    cfg = presets[args.preset]()
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.long + 1)
-    model = zamba2.Zamba2LM(cfg).to(dtype).eval()
+    model = model_class(cfg).to(dtype).eval()
     cfg, p_eff, elem = model.config, effective_params(model), dtype.itemsize
     elems = {"zamba2": elem, "transformers": elem}
-    print(f"preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+    print(f"{args.arch} preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{p_eff / 1e6:.1f}M effective per token (shared block counted per use)")
     g = torch.Generator().manual_seed(0)
     prompts = {t: torch.randint(3, cfg.vocab_size, (1, t), generator=g) for t in PREFILL_LENGTHS}
@@ -442,7 +457,7 @@ def main() -> None:
             import transformers
             transformers.logging.set_verbosity_error()
             transformers.logging.disable_progress_bar()
-            hf = transformers.Zamba2ForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+            hf = getattr(transformers, hf_class).from_pretrained(tmp, dtype=dtype).eval()
             hf.generation_config.eos_token_id = None  # always NEW_TOKENS tokens
             hf(prompts[PREFILL_LENGTHS[0]][:, :8])  # its first forward pages the weights in: no phase's memory
             print(f"transformers {transformers.__version__}:", flush=True)
@@ -465,7 +480,7 @@ def main() -> None:
                 if "tokens" in row:
                     row["tokens"] = row["tokens"].tolist()
         meta = {"cpu": cpu_summary(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "dtype": args.dtype, "preset": args.preset, "effective_params": p_eff, "other_cores": other}
+                "dtype": args.dtype, "arch": args.arch, "preset": args.preset, "effective_params": p_eff, "other_cores": other}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "limits": limits, "results": results, "agreement": agree}, f, indent=2)
 

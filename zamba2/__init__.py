@@ -1,4 +1,4 @@
-"""zamba2: exact, fast Zamba2 (Mamba2 + shared attention) models in PyTorch."""
+"""zamba2: exact, fast Zamba2 (Mamba2 + shared attention) and Zamba1 (Mamba1 + shared attention) models in PyTorch."""
 
 import os
 
@@ -15,8 +15,10 @@ from .model.config import Config, preset, tiny
 from .infer.generate import generate, stream
 from .infer.step import sample
 from .model.zamba2 import Zamba2LM
+from .model.zamba1 import Zamba1LM
+from .model.zamba1_config import Zamba1Config
 from .infer.quant import quantize_int4, quantize_int8
 from .text.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["Config", "Zamba2LM", "HybridCache", "CheckpointError", "load", "save", "generate", "stream", "sample",
+__all__ = ["Config", "Zamba2LM", "Zamba1Config", "Zamba1LM", "HybridCache", "CheckpointError", "load", "save", "generate", "stream", "sample",
            "preset", "tiny", "quantize_int8", "quantize_int4", "Tokenizer", "load_tokenizer"]

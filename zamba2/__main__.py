@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="run.toml with a [train] table (TrainConfig fields)")
     t.add_argument("--data", default=None, help="prepared data folder (overrides the config)")
     t.add_argument("--out", default=None, help="output folder (overrides the config)")
-    t.add_argument("--model", default=None,
-                   help="preset name, checkpoint folder or Hugging Face Hub repo id (overrides the config)")
+    t.add_argument("--model", default=None, help="preset name (Zamba1: zamba1-tiny, zamba1-small, ...), checkpoint "
+                                                  "folder or Hugging Face Hub repo id (overrides the config)")
     t.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model (default main)")
     t.add_argument("--steps", type=int, default=None, help="phase-1 steps (overrides the config)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")

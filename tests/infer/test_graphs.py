@@ -11,6 +11,7 @@ import zamba2
 from zamba2.infer import graphs
 from zamba2.ops import kernels
 from zamba2.infer.step import prefill
+from zamba2.model.zamba1_config import tiny as zamba1_tiny
 
 from conftest import random_model
 
@@ -28,9 +29,13 @@ def left_padded(vocab: int, device="cpu"):
     return ids, mask
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"use_mem_rope": False}])
-def test_static_step_equals_forward(torch_code, overrides):
-    model = random_model(**overrides)
+CONFIGS = {"zamba2": zamba2.tiny, "gqa": lambda: zamba2.tiny(num_key_value_heads=2),
+           "no-rope": lambda: zamba2.tiny(use_mem_rope=False), "zamba1": zamba1_tiny}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_static_step_equals_forward(torch_code, config):
+    model = random_model(CONFIGS[config]())
     ids, mask = left_padded(model.config.vocab_size)
     with torch.no_grad():
         cache = model.new_cache(3)
@@ -69,8 +74,9 @@ def test_no_graphs_off_the_gpu():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_generate_with_cuda_graphs_equals_eager(monkeypatch, dtype):
-    model = random_model().to("cuda", dtype)
+@pytest.mark.parametrize("config", ["zamba2", "zamba1"])
+def test_generate_with_cuda_graphs_equals_eager(monkeypatch, dtype, config):
+    model = random_model(CONFIGS[config]()).to("cuda", dtype)
     ids, mask = left_padded(model.config.vocab_size, "cuda")
     fast = zamba2.generate(model, ids, 20, attention_mask=mask)
     assert any(k[0] == 3 for k in graphs._DECODERS[model][1])  # the graph ran

@@ -11,6 +11,7 @@ from zamba2.__main__ import main
 from zamba2.train import trainer as trainer_module
 from zamba2.text.read import read_documents
 from zamba2.model.score import IGNORE
+from zamba2.model.zamba1_config import tiny as zamba1_tiny
 from zamba2.train.data import PackedLoader, TokenData, prepare
 from zamba2.train.trainer import NO_DECAY, Trainer, TrainConfig, learning_rate, param_groups
 
@@ -64,11 +65,13 @@ def test_schedule_is_warmup_stable_decay_then_anneal():
 
 
 def test_no_weight_decay_on_norms_biases_and_ssm_parameters():
-    model = zamba2.Zamba2LM(zamba2.tiny(add_bias_linear=True))
-    decay, no_decay = param_groups(model, 0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert all(p.dim() >= 2 for p in decay["params"])  # matrices and conv kernels
-    skipped = {names[id(p)].split(".")[-1] for p in no_decay["params"]}
+    skipped = set()
+    for model in (zamba2.Zamba2LM(zamba2.tiny(add_bias_linear=True)), zamba2.Zamba1LM(zamba1_tiny(mamba_proj_bias=True))):
+        decay, no_decay = param_groups(model, 0.1)
+        names = {id(p): n for n, p in model.named_parameters()}
+        # matrices, conv kernels and Zamba1's per-head x_proj / dt_proj; not its [h, p] D and dt bias, [h, p, n] A_log
+        assert all(p.dim() >= 2 and names[id(p)].split(".")[-1] not in NO_DECAY for p in decay["params"])
+        skipped |= {names[id(p)].split(".")[-1] for p in no_decay["params"]}
     assert set(NO_DECAY) <= skipped and "bias" in skipped and "weight" in skipped  # norm weights
 
 

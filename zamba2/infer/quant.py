@@ -5,7 +5,8 @@ Decode on a CPU reads every weight once per token, so its speed is the weight by
 bandwidth: int8 reads a quarter of float32, int4 (groups of 64, a bfloat16 scale and offset per group) 0.14.
 What stays in the model dtype is what the projections do not hold: the embedding (a lookup reads one row per
 token; the LM head gets its own quantized copy of it when the two are tied), the Mamba mixers' A_log, dt_bias,
-D and conv, every norm, and the recurrent state, which the SSM literature finds precision-sensitive. The
+D and conv (and Zamba1's per-head x_proj / dt_proj, 4% of a Mamba1 layer at the 7B shape), every norm, and the
+recurrent state, which the SSM literature finds precision-sensitive. The
 accuracy cost (logit error, perplexity change) is measured by bench/quant.py.
 """
 

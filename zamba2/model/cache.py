@@ -1,8 +1,8 @@
-"""HybridCache: everything a Zamba2 forward needs to continue a batch of sequences.
+"""HybridCache: everything a Zamba2 (or Zamba1) forward needs to continue a batch of sequences.
 
-Per layer i (every layer owns a Mamba2 mixer):
-  conv[i]  [b, conv_dim, d_conv-1]  the last raw (pre-conv) x/B/C columns, oldest first
-  ssm[i]   [b, h, p, n] float32     the SSM state (constant size, whatever the length)
+Per layer i (every layer owns a Mamba2 mixer, or Zamba1's Mamba1):
+  conv[i]  [b, conv_dim, d_conv-1]  the last raw (pre-conv) x/B/C columns (Zamba1: x only), oldest first
+  ssm[i]   [b, h, p, n] float32     the SSM state (constant size, whatever the length; Zamba1's A is per channel)
 Per hybrid layer i (weights are shared between hybrid layers, caches are not):
   keys[i], values[i]  [b, kv_heads, capacity, head_dim]   keys stored after RoPE
 Bookkeeping:

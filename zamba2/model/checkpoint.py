@@ -1,10 +1,11 @@
-"""Hugging Face checkpoint folders <-> Zamba2LM.
+"""Hugging Face checkpoint folders <-> Zamba2LM or Zamba1LM, the architecture picked by config.json's model_type
+("zamba2" or "zamba", ARCHITECTURES).
 
 A folder holds config.json and the weights: model.safetensors, or shards listed in
 model.safetensors.index.json (pytorch_model*.bin is read too, for re-saved fine-tunes). Tensors are
 read only from the files the index names, never by globbing.
 
-The key map is the literal table HF_KEYS, read left to right to load (hf_to_native) and right to
+The key map is a literal table per architecture (HF_KEYS for Zamba2, ZAMBA1_KEYS), read left to right to load (hf_to_native) and right to
 left to save (native_to_hf). Placeholders: {i} layer, {j} hybrid visit (0-based position
 among the hybrid layers), {b} shared block, {w} the rest of the name. On the right, {J} is the layer
 of visit j and {B} the shared block used at layer i. The first matching row wins.
@@ -36,7 +37,12 @@ from ..errors import UserError, device as check_device, naming, read_json
 from ..hub import resolve
 from ..ops.layers import Linear, Quantization
 from .config import Config
+from .zamba1 import Zamba1LM
+from .zamba1_config import Zamba1Config
 from .zamba2 import Zamba2LM
+
+# config.json's model_type -> its config and model classes
+ARCHITECTURES = {"zamba2": (Config, Zamba2LM), "zamba": (Zamba1Config, Zamba1LM)}
 
 HF_KEYS = {
     "model.embed_tokens.weight": "embed_tokens.weight",
@@ -63,6 +69,19 @@ HF_KEYS = {
     "model.linear_layers.{j}.weight": "layers.{J}.linear.weight",
 }
 LEGACY_PREFIXES = ("model.blocks.", "model.mamba_layers.", "model.linear_layers.")
+# Zamba1 (transformers' ZambaForCausalLM): the one shared block is `shared_transf`, tied across the hybrid layers;
+# save_pretrained writes it under the first hybrid layer, a re-save may copy it under every one.
+ZAMBA1_KEYS = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.final_layernorm.weight": "final_layernorm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.input_layernorm.weight",
+    "model.layers.{i}.mamba.{w}": "layers.{i}.mamba.{w}",
+    "model.layers.{i}.mamba_decoder.input_layernorm.weight": "layers.{i}.input_layernorm.weight",
+    "model.layers.{i}.mamba_decoder.mamba.{w}": "layers.{i}.mamba.{w}",
+    "model.layers.{i}.linear.weight": "layers.{i}.linear.weight",
+    "model.layers.{i}.shared_transf.{w}": "shared_blocks.{B}.{w}",
+}
 _SLOTS = {"i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "b": r"(?P<b>\d+)", "qkv": r"(?P<qkv>[qkv])",
           "ab": r"(?P<ab>[01])", "w": r"(?P<w>.+)", "J": r"(?P<J>\d+)", "B": r"(?P<B>\d+)"}
 
@@ -71,21 +90,27 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(re.escape(template).replace(r"\{", "{").replace(r"\}", "}").format(**_SLOTS) + "$")
 
 
-_PATTERNS = [(_pattern(src), dst) for src, dst in HF_KEYS.items()]
-# saving: the non-legacy rows, right to left; a Mamba weight has two rows (plain layer, hybrid layer's mamba_decoder)
-_DECODER = {dst for src, dst in HF_KEYS.items() if ".mamba_decoder." in src}
-_INVERSE = [(src, _pattern(dst), dst in _DECODER) for src, dst in HF_KEYS.items()
-            if not src.startswith(LEGACY_PREFIXES)]
+class KeyTable:
+    """A key table compiled: its rows left to right for loading, the non-legacy rows right to left for saving (a
+    Mamba weight has two rows: plain layer, hybrid layer's mamba_decoder)."""
+
+    def __init__(self, rows: dict[str, str], legacy: tuple[str, ...] = ()):
+        self.patterns = [(_pattern(src), dst) for src, dst in rows.items()]
+        decoder = {dst for src, dst in rows.items() if ".mamba_decoder." in src}
+        self.inverse = [(src, _pattern(dst), dst in decoder) for src, dst in rows.items() if not src.startswith(legacy)]
+
+
+TABLES = {"zamba2": KeyTable(HF_KEYS, LEGACY_PREFIXES), "zamba": KeyTable(ZAMBA1_KEYS)}
 
 
 class CheckpointError(UserError):
     """A checkpoint folder that cannot be loaded as the model its config describes."""
 
 
-def hf_to_native(key: str, cfg: Config) -> str | None:
-    """Our parameter name for a checkpoint key (None if no row of HF_KEYS matches)."""
+def hf_to_native(key: str, cfg: Config | Zamba1Config) -> str | None:
+    """Our parameter name for a checkpoint key (None if no row of the architecture's table matches)."""
     hybrid = cfg.hybrid_layer_ids
-    for pattern, dst in _PATTERNS:
+    for pattern, dst in TABLES[cfg.model_type].patterns:
         m = pattern.match(key)
         if not m:
             continue
@@ -104,13 +129,13 @@ def hf_to_native(key: str, cfg: Config) -> str | None:
     return None
 
 
-def native_to_hf(key: str, cfg: Config) -> str:
+def native_to_hf(key: str, cfg: Config | Zamba1Config) -> str:
     """Checkpoint key for our parameter name: the inverse of hf_to_native through the same table (the first
     non-legacy row whose right side matches). Shared weights are written once, under their source layer (the
     first hybrid layer using the block); a hybrid layer's own Mamba weights go under mamba_decoder, as
     transformers writes them, a Mamba layer's straight under the layer."""
     hybrid = cfg.hybrid_layer_ids
-    for src, pattern, by_layer_kind in _INVERSE:
+    for src, pattern, by_layer_kind in TABLES[cfg.model_type].inverse:
         m = pattern.match(key)
         if not m:
             continue
@@ -125,7 +150,7 @@ def native_to_hf(key: str, cfg: Config) -> str:
         elif by_layer_kind and (int(g["i"]) in hybrid) != (".mamba_decoder." in src):
             continue
         return src.format(**g)
-    raise KeyError(f"{key}: no row of HF_KEYS writes this parameter")
+    raise KeyError(f"{key}: no row of the {cfg.model_type} key table writes this parameter")
 
 
 class Shards:
@@ -234,6 +259,15 @@ def check_plan(plan: dict[str, list[str]], shapes: dict[str, tuple], expected: d
         raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
 
 
+def read_config(path: Path) -> Config | Zamba1Config:
+    """The config.json at `path` as the config of the architecture its model_type names (Zamba2 when absent)."""
+    d = read_json(path, f"no config.json at {path}")
+    kind = d.get("model_type", "zamba2") if isinstance(d, dict) else None
+    if kind not in ARCHITECTURES:
+        raise UserError(f"{path}: model_type is {kind!r}; this package runs {' and '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[kind][0].from_json(path)
+
+
 def stored_quantization(path: Path) -> Quantization | None:
     """The weight format a quantized checkpoint's config.json records (`zamba2 quantize`), or None."""
     d = read_json(path / "config.json", f"no config.json at {path}")
@@ -244,9 +278,10 @@ def stored_quantization(path: Path) -> Quantization | None:
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          quantization: Quantization | None = None, revision: str | None = None) -> Zamba2LM:
-    """Load a Hugging Face style Zamba2 folder (official Hub layout or transformers' save_pretrained), or one that
-    `zamba2 quantize` wrote (its weight format is in its config.json). `path` may be a Hub repo id instead
-    (hub.resolve: downloaded at `revision`, or found in the Hugging Face cache); a folder that exists wins.
+    """Load a Hugging Face style Zamba2 or Zamba1 folder (official Hub layout or transformers' save_pretrained;
+    config.json's model_type picks the architecture, read_config), or one that `zamba2 quantize` wrote (its weight
+    format is in its config.json). `path` may be a Hub repo id instead (hub.resolve: downloaded at `revision`, or
+    found in the Hugging Face cache); a folder that exists wins.
 
     Tensors are read one at a time and converted to `dtype`. With `quantization`, each projection is quantized
     as soon as its weights are read, so a float copy of the whole model never exists: the peak is the quantized
@@ -255,7 +290,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: st
     """
     device = check_device(device)  # a clear error before reading gigabytes of weights (or downloading them)
     path = resolve(path, revision)
-    cfg = Config.from_json(path / "config.json")
+    cfg = read_config(path / "config.json")
     stored = stored_quantization(path)
     if stored and quantization not in (None, stored):
         raise UserError(f"{path} holds {stored.name} weights already; load it without asking for {quantization.name}")
@@ -265,7 +300,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: st
     shards = Shards(path)
     plan = key_plan(list(shards.file), cfg, quantized=stored is not None)
     with torch.device("meta"):
-        model = Zamba2LM(cfg)
+        model = ARCHITECTURES[cfg.model_type][1](cfg)
     if stored:  # the quantized projections, empty, for the stored tensors to fill
         for name in [n[:-len(".scale")] for n in plan if n.endswith(".scale")]:
             parent, _, attr = name.rpartition(".")

@@ -87,6 +87,8 @@ class Config:
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
 
+    model_type = "zamba2"  # config.json's, which picks the architecture (checkpoint.ARCHITECTURES)
+
     def __post_init__(self):
         check_types(self, "config")
         if not self.layers_block_type:

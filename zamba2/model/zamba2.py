@@ -13,6 +13,8 @@ Each hybrid visit j has its own rank-r adapters (LoRA-shaped, part of the base m
 the shared q/k/v and gate_up projections. `shared_blocks` is the single owner of the shared weights;
 a hybrid layer holds only its block index, its adapters and its linear.
 
+Zamba1 (zamba1.py) is this model with other parts: Zamba2LM's `mixer` and `mlp` class attributes name them.
+
 Legend: b batch, l/t sequence, d hidden, h heads, p head dim, n state size, g groups.
 """
 
@@ -43,6 +45,51 @@ def adapter(d_in: int, rank: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(Linear(d_in, rank, bias=False), Linear(rank, d_out, bias=False))
 
 
+def causal_conv(xBC: Tensor, conv1d: nn.Conv1d, conv_state: Tensor | None, doc: Tensor | None = None) -> Tensor:
+    """Depthwise causal conv + SiLU over xBC [b,l,c]; continues from / updates conv_state [b,c,k-1] (both mixers).
+
+    Computed as k shifted multiply-adds over the [b,l,c] rows rather than F.conv1d over [b,c,l]: in training,
+    conv1d's and SiLU's backward on the transposed layout cost about twice as much (forward + backward of
+    2048 x 1152 rows: 52 vs 24 ms), and packed documents need the taps anyway.
+    """
+    b, l, _ = xBC.shape
+    k = conv1d.kernel_size[0]
+    bias = conv1d.bias
+    if conv_state is not None and l == 1:  # decode: a k-tap dot product per channel
+        full = torch.cat([conv_state, xBC.transpose(1, 2)], dim=-1)  # [b,c,k]
+        conv_state.copy_(full[..., 1:])
+        out = (full * conv1d.weight[:, 0]).sum(-1)  # [b,c]
+        return F.silu(out if bias is None else out + bias)[:, None]  # [b,1,c]
+    w = conv1d.weight[:, 0].t().float().contiguous()  # [k,c]: tap j reads position t - (k-1) + j
+    past = xBC.new_zeros(b, k - 1, xBC.shape[2]) if conv_state is None else conv_state.transpose(1, 2)
+    full = torch.cat([past, xBC], dim=1)  # [b,k-1+l,c]
+    if conv_state is not None:
+        conv_state.copy_(full[:, l:].transpose(1, 2))  # the last k-1 rows
+    full = full.float()  # the taps sum in float32 (as conv1d and the compiled prefill do), one rounding after
+    out = torch.zeros_like(w[0]) if bias is None else bias.float()
+    for j in range(k):
+        tap = full[:, j:j + l]  # [b,l,c]
+        if doc is not None and j < k - 1:  # packed documents: a tap looking back across a boundary is dropped
+            tap = tap * (doc == F.pad(doc, (k - 1 - j, 0), value=-1)[:, :l])[..., None]
+        out = torch.addcmul(out, tap, w[j])
+    return F.silu(out).to(torch.promote_types(xBC.dtype, conv1d.weight.dtype))  # float32 under autocast
+
+
+def inverse_softplus_dt(c, shape: tuple, gen: torch.Generator | None) -> Tensor:
+    """softplus^-1(dt), dt log-uniform in [time_step_min, time_step_max] (floored): the dt bias init of Mamba."""
+    u = torch.rand(shape, generator=gen)
+    dt = torch.exp(u * (math.log(c.time_step_max) - math.log(c.time_step_min)) + math.log(c.time_step_min))
+    dt = dt.clamp(min=c.time_step_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def init_conv(conv1d: nn.Conv1d, gen: torch.Generator | None) -> None:
+    bound = 1 / math.sqrt(conv1d.weight.shape[-1])
+    conv1d.weight.uniform_(-bound, bound, generator=gen)
+    if conv1d.bias is not None:
+        conv1d.bias.uniform_(-bound, bound, generator=gen)
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
@@ -57,35 +104,6 @@ class Mamba2Mixer(nn.Module):
         self.norm = RMSNorm(c.d_inner, eps=1e-5, group_size=c.d_inner // c.mamba_ngroups)  # eps fixed in Mamba2
         self.out_proj = Linear(c.d_inner, c.hidden_size, bias=c.add_bias_linear)
 
-    def conv(self, xBC: Tensor, conv_state: Tensor | None, doc: Tensor | None = None) -> Tensor:
-        """Depthwise causal conv + SiLU over xBC [b,l,c]; continues from / updates conv_state [b,c,k-1].
-
-        Computed as k shifted multiply-adds over the [b,l,c] rows rather than F.conv1d over [b,c,l]: in training,
-        conv1d's and SiLU's backward on the transposed layout cost about twice as much (forward + backward of
-        2048 x 1152 rows: 52 vs 24 ms), and packed documents need the taps anyway.
-        """
-        b, l, _ = xBC.shape
-        k = self.conv1d.kernel_size[0]
-        bias = self.conv1d.bias
-        if conv_state is not None and l == 1:  # decode: a k-tap dot product per channel
-            full = torch.cat([conv_state, xBC.transpose(1, 2)], dim=-1)  # [b,c,k]
-            conv_state.copy_(full[..., 1:])
-            out = (full * self.conv1d.weight[:, 0]).sum(-1)  # [b,c]
-            return F.silu(out if bias is None else out + bias)[:, None]  # [b,1,c]
-        w = self.conv1d.weight[:, 0].t().float().contiguous()  # [k,c]: tap j reads position t - (k-1) + j
-        past = xBC.new_zeros(b, k - 1, xBC.shape[2]) if conv_state is None else conv_state.transpose(1, 2)
-        full = torch.cat([past, xBC], dim=1)  # [b,k-1+l,c]
-        if conv_state is not None:
-            conv_state.copy_(full[:, l:].transpose(1, 2))  # the last k-1 rows
-        full = full.float()  # the taps sum in float32 (as conv1d and the compiled prefill do), one rounding after
-        out = torch.zeros_like(w[0]) if bias is None else bias.float()
-        for j in range(k):
-            tap = full[:, j:j + l]  # [b,l,c]
-            if doc is not None and j < k - 1:  # packed documents: a tap looking back across a boundary is dropped
-                tap = tap * (doc == F.pad(doc, (k - 1 - j, 0), value=-1)[:, :l])[..., None]
-            out = torch.addcmul(out, tap, w[j])
-        return F.silu(out).to(torch.promote_types(xBC.dtype, self.conv1d.weight.dtype))  # float32 under autocast
-
     def forward(self, u: Tensor, mask: Tensor | None, chunk_size: int, conv_state: Tensor | None = None,
                 ssm_state: Tensor | None = None, doc: Tensor | None = None) -> Tensor:
         b, l, _ = u.shape
@@ -98,7 +116,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = zx.split([self.d_inner, self.conv_dim, self.heads], dim=-1)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
-        xBC = self.conv(xBC, conv_state, doc)
+        xBC = causal_conv(xBC, self.conv1d, conv_state, doc)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
         x, B, C = xBC.split([self.d_inner, self.groups * self.state, self.groups * self.state], dim=-1)
@@ -121,6 +139,15 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(b, l, self.d_inner), gate=z)
         return self.out_proj(y.to(u.dtype))
 
+    @torch.no_grad()
+    def init_weights(self, c: Config, gen: torch.Generator | None) -> None:
+        """The mixer's own parameters, for training from scratch (Zamba2LM.init_weights does the projections)."""
+        # dt ~ log-uniform in [time_step_min, time_step_max]; dt_bias = softplus^-1(dt)
+        self.dt_bias.copy_(inverse_softplus_dt(c, (c.n_mamba_heads,), gen))
+        self.A_log.copy_(torch.log(torch.empty(c.n_mamba_heads).uniform_(1, 16, generator=gen)))
+        self.D.fill_(1.0)
+        init_conv(self.conv1d, gen)
+
     def step_params(self) -> tuple:
         """What the compiled kernels read of this mixer (ops/mixer.py, ops/decode.py), in their argument order."""
         return (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
@@ -136,9 +163,29 @@ class SharedAttention(nn.Module):
         self.k_proj = Linear(A, self.kv_heads * hd, bias=False)
         self.v_proj = Linear(A, self.kv_heads * hd, bias=False)
         self.o_proj = Linear(self.heads * hd, c.hidden_size, bias=False)
-        # Zamba2 scales by (head_dim/2)^-0.5: the original code derives it from kv_channels = D / heads,
+        # Zamba scales by (head_dim/2)^-0.5: the original code derives it from kv_channels = D / heads,
         # while the real head dim is 2D / heads (the input is the 2D-wide concatenation).
         self.scale = (hd / 2) ** -0.5
+
+    def forward(self, h: Tensor, visit: "Layer", ctx: Context) -> Tensor:
+        """Normalised concat(hidden, embeddings) h [b,t,2d] -> [b,t,d]; the KV cached under the visiting layer."""
+        b, t, _ = h.shape
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        if visit.q_adapter is not None:
+            q, k, v = q + visit.q_adapter(h), k + visit.k_adapter(h), v + visit.v_adapter(h)
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [b,heads,t,hd]
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [b,kv,t,hd]
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if ctx.cache is not None:
+            k, v = ctx.cache.write_kv(visit.index, ctx.start, k, v)  # [b,kv,past+t,hd]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.causal,
+                                           scale=self.scale, enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(a.transpose(1, 2).reshape(b, t, -1))  # [b,t,d]
+
+
+ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
 
 class SharedMLP(nn.Module):
@@ -149,43 +196,29 @@ class SharedMLP(nn.Module):
         self.act_code = self.ACTS.index(c.hidden_act)
         self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.add_bias_linear)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.add_bias_linear)
-        self.act = {"gelu": F.gelu, "silu": F.silu,
-                    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[c.hidden_act]
+        self.act = ACTIVATIONS[c.hidden_act]
+
+    def forward(self, g: Tensor, adapter: nn.Module | None) -> Tensor:
+        gu = self.gate_up_proj(g)  # [b,t,2f]: gate rows, then up rows
+        if adapter is not None:
+            gu = gu + adapter(g)
+        gate, up = gu.chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class SharedBlock(nn.Module):
     """Attention + gated MLP on concat(hidden, embeddings) [b,t,2d] -> [b,t,d], with no internal residuals."""
 
-    def __init__(self, c: Config):
+    def __init__(self, c: Config, mlp: type[nn.Module] = SharedMLP):
         super().__init__()
         self.input_layernorm = RMSNorm(c.attention_hidden_size, c.rms_norm_eps)  # one RMS over all 2D features
         self.self_attn = SharedAttention(c)
         self.pre_ff_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.feed_forward = SharedMLP(c)
+        self.feed_forward = mlp(c)
 
     def forward(self, hcat: Tensor, visit: "Layer", ctx: Context) -> Tensor:
-        att, mlp = self.self_attn, self.feed_forward
-        b, t, _ = hcat.shape
-        h = self.input_layernorm(hcat)
-        q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
-        if visit.q_adapter is not None:
-            q, k, v = q + visit.q_adapter(h), k + visit.k_adapter(h), v + visit.v_adapter(h)
-        q = q.view(b, t, att.heads, att.head_dim).transpose(1, 2)  # [b,heads,t,hd]
-        k = k.view(b, t, att.kv_heads, att.head_dim).transpose(1, 2)  # [b,kv,t,hd]
-        v = v.view(b, t, att.kv_heads, att.head_dim).transpose(1, 2)
-        if ctx.rope is not None:
-            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
-        if ctx.cache is not None:
-            k, v = ctx.cache.write_kv(visit.index, ctx.start, k, v)  # [b,kv,past+t,hd]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.causal,
-                                           scale=att.scale, enable_gqa=att.kv_heads != att.heads)
-        o = att.o_proj(a.transpose(1, 2).reshape(b, t, -1))  # [b,t,d]
-        g = self.pre_ff_layernorm(o)
-        gu = mlp.gate_up_proj(g)
-        if visit.mlp_adapter is not None:
-            gu = gu + visit.mlp_adapter(g)
-        gate, up = gu.chunk(2, dim=-1)
-        return mlp.down_proj(mlp.act(gate) * up)
+        o = self.self_attn(self.input_layernorm(hcat), visit, ctx)
+        return self.feed_forward(self.pre_ff_layernorm(o), visit.mlp_adapter)
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype) -> tuple[Tensor, Tensor]:
@@ -202,25 +235,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Layer(nn.Module):
-    """Pre-norm Mamba2 layer; a hybrid layer also owns its linear and adapters for its shared-block visit."""
+    """Pre-norm Mamba layer; a hybrid layer also owns its linear and adapters for its shared-block visit."""
 
-    def __init__(self, c: Config, index: int):
+    def __init__(self, c: Config, index: int, mixer: type[nn.Module] = Mamba2Mixer):
         super().__init__()
         self.index = index
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mamba = Mamba2Mixer(c)
+        self.mamba = mixer(c)
         self.visit = c.hybrid_layer_ids.index(index) if index in c.hybrid_layer_ids else None
         self.block = None if self.visit is None else self.visit % c.num_mem_blocks  # round-robin ABAB...
         self.q_adapter = self.k_adapter = self.v_adapter = self.mlp_adapter = None
         if self.visit is not None:
             self.linear = Linear(c.hidden_size, c.hidden_size, bias=False)
-            r, A, hd = c.adapter_rank, c.attention_hidden_size, c.attention_head_dim
+            A, hd = c.attention_hidden_size, c.attention_head_dim
             if c.use_shared_attention_adapter:
-                self.q_adapter = adapter(A, r, c.num_attention_heads * hd)
-                self.k_adapter = adapter(A, r, c.num_key_value_heads * hd)
-                self.v_adapter = adapter(A, r, c.num_key_value_heads * hd)
+                self.q_adapter = adapter(A, c.adapter_rank, c.num_attention_heads * hd)
+                self.k_adapter = adapter(A, c.adapter_rank, c.num_key_value_heads * hd)
+                self.v_adapter = adapter(A, c.adapter_rank, c.num_key_value_heads * hd)
             if c.use_shared_mlp_adapter:
-                self.mlp_adapter = adapter(c.hidden_size, r, 2 * c.intermediate_size)
+                self.mlp_adapter = adapter(c.hidden_size, c.adapter_rank, 2 * c.intermediate_size)
 
     def forward(self, x: Tensor, ctx: Context, shared: nn.ModuleList) -> Tensor:
         cache = ctx.cache
@@ -249,13 +282,15 @@ class Context:
 
 class Zamba2LM(nn.Module):
     quantized: str | None = None  # "int8" after quant.quantize_int8: inference only, not savable
+    mixer: type[nn.Module] = Mamba2Mixer  # what each layer's mixer and the shared blocks' MLP are (Zamba1LM's differ)
+    mlp: type[nn.Module] = SharedMLP
 
     def __init__(self, config: Config):
         super().__init__()
         self.config = c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Layer(c, i) for i in range(c.num_hidden_layers))
-        self.shared_blocks = nn.ModuleList(SharedBlock(c) for _ in range(c.num_mem_blocks))
+        self.layers = nn.ModuleList(Layer(c, i, self.mixer) for i in range(c.num_hidden_layers))
+        self.shared_blocks = nn.ModuleList(SharedBlock(c, self.mlp) for _ in range(c.num_mem_blocks))
         self.final_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size, bias=False)
         if self.embed_tokens.weight.device.type != "meta":
@@ -274,21 +309,9 @@ class Zamba2LM(nn.Module):
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
         for layer in self.layers:
-            mx = layer.mamba
             # out_proj scaled by 1/sqrt(2L) so the residual stream does not grow with depth (GPT-2 / Mamba)
-            mx.out_proj.weight.mul_(1 / math.sqrt(2 * c.num_hidden_layers))
-            # dt ~ log-uniform in [time_step_min, time_step_max]; dt_bias = softplus^-1(dt)
-            u = torch.rand(c.n_mamba_heads, generator=gen)
-            dt = torch.exp(u * (math.log(c.time_step_max) - math.log(c.time_step_min)) + math.log(c.time_step_min))
-            dt = dt.clamp(min=c.time_step_floor)
-            mx.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            mx.A_log.copy_(torch.log(torch.empty(c.n_mamba_heads).uniform_(1, 16, generator=gen)))
-            mx.D.fill_(1.0)
-            k = mx.conv1d.weight.shape[-1]
-            bound = 1 / math.sqrt(k)
-            mx.conv1d.weight.uniform_(-bound, bound, generator=gen)
-            if mx.conv1d.bias is not None:
-                mx.conv1d.bias.uniform_(-bound, bound, generator=gen)
+            layer.mamba.out_proj.weight.mul_(1 / math.sqrt(2 * c.num_hidden_layers))
+            layer.mamba.init_weights(c, gen)
 
     @property
     def device(self) -> torch.device:

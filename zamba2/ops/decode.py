@@ -78,7 +78,9 @@ def _decoder(model: nn.Module, k):
     layers, visits = [], []
     for layer in model.layers:
         mx, norm = layer.mamba, layer.input_layernorm
-        if not plain(mx.in_proj, mx.out_proj):
+        # TODO(zamba1): a compiled Mamba1 step (the per-channel selective-scan update); until then Zamba1 decodes
+        # through its forward (the mixer has no step_params)
+        if not hasattr(mx, "step_params") or not plain(mx.in_proj, mx.out_proj):
             return None
         layers.append((norm.weight, norm.eps, weight(mx.in_proj), weight(mx.out_proj), *mx.step_params()))
         visit = None

@@ -19,8 +19,7 @@ from pathlib import Path
 from .. import hub
 from ..errors import UserError
 from . import parallel
-from ..model.checkpoint import save
-from ..model.config import Config
+from ..model.checkpoint import read_config, save
 from .lora import LoRA, merge as merge_lora
 from ..model.zamba2 import Zamba2LM
 from ..text.chat import BUILTIN_TEMPLATE, read_tokenizer_config
@@ -53,7 +52,7 @@ def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, re
         raise UserError("--merge needs LoRA (--lora-rank); a full fine-tune is already a plain checkpoint")
     model_dir = start_folder(cfg.model)  # None for a preset
     if merge and model_dir is not None:  # fail now, not after training
-        lora.check_mergeable(Config.from_json(model_dir / "config.json"))
+        lora.check_mergeable(read_config(model_dir / "config.json"))
     stats = stats if stats is not None else {}
     if loaders is None:
         tok = load_tokenizer(model_dir)
@@ -67,7 +66,7 @@ def finetune(cfg: TrainConfig, lora: LoRA | None = None, merge: bool = False, re
             model = trainer.model
             if trainer.world > 1:  # FSDP: gather the full weights (collective) into a plain wrapped model on rank 0
                 full = parallel.model_state(trainer.model)
-                model = Zamba2LM(trainer.model.config)
+                model = type(trainer.model)(trainer.model.config)
                 lora.apply(model)
                 if trainer.rank == 0:
                     model.load_state_dict(full)

@@ -35,7 +35,7 @@ from ..ops.layers import Linear, linear
 
 MAMBA_TARGETS = ("in_proj", "out_proj")
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_TARGETS = ("gate_up_proj", "down_proj")
+MLP_TARGETS = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")  # Zamba2's fused gate_up, Zamba1's pair
 TARGETS = MAMBA_TARGETS + ATTN_TARGETS + MLP_TARGETS
 # shared projection -> the per-visit adapter of the hybrid layer that takes the same input
 FOLDABLE = {"q_proj": "q_adapter", "k_proj": "k_adapter", "v_proj": "v_adapter", "gate_up_proj": "mlp_adapter"}
@@ -121,7 +121,7 @@ class LoRA:
         for b, block in enumerate(model.shared_blocks):
             slots = len(range(b, n_visits, c.num_mem_blocks)) if self.shared == "per-visit" else 1
             for parent, names in ((block.self_attn, ATTN_TARGETS), (block.feed_forward, MLP_TARGETS)):
-                for name in sorted(set(self.targets) & set(names)):
+                for name in sorted(n for n in set(self.targets) & set(names) if hasattr(parent, n)):
                     setattr(parent, name, LoRALinear(getattr(parent, name), self.rank, self.alpha, slots, gen))
             if slots > 1:
                 block.lora_num_blocks = c.num_mem_blocks
@@ -172,7 +172,7 @@ def load_adapter(model: Zamba2LM, folder: str | Path) -> LoRA:
 
 @torch.no_grad()
 def merge(model: Zamba2LM) -> Zamba2LM:
-    """A plain float32 Zamba2LM equal to the wrapped `model` (see the module docstring for per-visit adapters)."""
+    """A plain float32 model (Zamba2LM or Zamba1LM) equal to the wrapped `model` (see the module docstring for per-visit adapters)."""
     c = model.config
     wrapped = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     state, _ = LoRA.split_state_dict({k: v.float() for k, v in model.state_dict().items()})
@@ -206,6 +206,6 @@ def merge(model: Zamba2LM) -> Zamba2LM:
                 state[key + ".1.weight"] = torch.cat([B0, B], dim=1)  # [out, r0+R]
         c = dataclasses.replace(c, adapter_rank=c.adapter_rank + rank)
     with torch.device("meta"):
-        merged = Zamba2LM(c)
+        merged = type(model)(c)
     merged.load_state_dict(state, strict=True, assign=True)
     return merged.eval()

@@ -30,6 +30,7 @@ from ..errors import UserError, check_choice, check_keys, check_range, check_typ
 from ..hub import resolve
 from ..model import checkpoint
 from . import parallel
+from ..model import zamba1_config
 from ..model.config import PRESETS, Config, preset
 from ..model.score import IGNORE, token_logprobs
 from .data import MixedLoader, PackedLoader, TokenData
@@ -37,11 +38,22 @@ from ..model.zamba2 import Zamba2LM
 from ..ops.hardware import fast_bf16
 
 
+ZAMBA1_PREFIX = "zamba1-"  # `model = "zamba1-tiny"`: a Zamba1 preset (model/zamba1_config.py)
+PRESET_NAMES = [*PRESETS, *(ZAMBA1_PREFIX + name for name in zamba1_config.PRESETS)]
+
+
+def model_preset(name: str, **overrides) -> Config | zamba1_config.Zamba1Config:
+    """The config of a preset `model` names: Zamba2's, or Zamba1's under the zamba1- prefix."""
+    if name.startswith(ZAMBA1_PREFIX):
+        return zamba1_config.preset(name.removeprefix(ZAMBA1_PREFIX), **overrides)
+    return preset(name, **overrides)
+
+
 @dataclass
 class TrainConfig:
     data: str = ""  # prepared data folder (zamba2 prepare)
     out: str = "runs/out"  # metrics.jsonl and checkpoint/ go here
-    model: str = "tiny"  # a preset name, or a checkpoint folder to continue from
+    model: str = "tiny"  # a preset name (Zamba1's as "zamba1-tiny", ...), or a checkpoint folder to continue from
     model_overrides: dict | None = None  # Config fields changed on top of the preset
     # batch
     seq_len: int = 256
@@ -95,11 +107,11 @@ class TrainConfig:
         if self.total_steps < 1:
             raise UserError(f"{where}: steps = {self.steps} and anneal_steps = {self.anneal_steps}: nothing to train")
         if self.model_overrides:  # built now, so a bad [model] field is reported before any work
-            if self.model not in PRESETS:
-                raise UserError(f"[model] overrides apply to a preset ({', '.join(PRESETS)}), not to the "
+            if self.model not in PRESET_NAMES:
+                raise UserError(f"[model] overrides apply to a preset ({', '.join(PRESET_NAMES)}), not to the "
                                 f"checkpoint {self.model!r}")
             try:
-                preset(self.model, **self.model_overrides)
+                model_preset(self.model, **self.model_overrides)
             except UserError as e:
                 raise UserError(f"[model] {e}") from None
 
@@ -148,7 +160,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return floor + (cfg.lr - floor) * (1 - (step - decay_start) / max(cfg.steps - decay_start, 1))
 
 
-NO_DECAY = ("A_log", "D", "dt_bias")
+NO_DECAY = ("A_log", "D", "dt_bias", "dt_proj_bias")  # dt_proj_bias: Zamba1's per-channel dt bias [h, p]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -164,21 +176,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def start_folder(model: str, revision: str | None = None) -> Path | None:
     """The checkpoint folder a run starts from: None for a preset, else the folder `model`, or the Hub repo `model`
     downloaded at `revision` (hub.resolve)."""
-    if model in PRESETS:
+    if model in PRESET_NAMES:
         if revision is not None:
             raise UserError(f"model {model!r} is a preset; a revision applies only to a Hugging Face Hub repo id")
         return None
     if not Path(model).is_dir() and model.count("/") != 1:  # not a Hub repo id either: say what is accepted
-        raise UserError(f"model {model!r} is neither a preset {sorted(PRESETS)}, a checkpoint folder nor a Hugging "
+        raise UserError(f"model {model!r} is neither a preset {PRESET_NAMES}, a checkpoint folder nor a Hugging "
                         "Face Hub repo id")
     return resolve(model, revision)
 
 
 def build_model(cfg: TrainConfig) -> Zamba2LM:
-    if cfg.model in PRESETS:
-        mc = preset(cfg.model, **(cfg.model_overrides or {}))
+    if cfg.model in PRESET_NAMES:
+        mc = model_preset(cfg.model, **(cfg.model_overrides or {}))
         torch.manual_seed(cfg.seed)
-        return Zamba2LM(mc)
+        return checkpoint.ARCHITECTURES[mc.model_type][1](mc)
     model = checkpoint.load(start_folder(cfg.model))
     if model.quantized:
         raise UserError(f"{cfg.model} holds {model.quantized}-quantized weights, which are for inference only: "
