@@ -105,9 +105,14 @@ def test_int4_weights_generate_close_to_float():
     assert q.lm_head.weight.dtype == torch.uint8 and q.embed_tokens.weight.dtype == torch.float32
     err = (q(ids) - ref).norm() / ref.norm()
     assert err < 0.3, err  # random weights, groups of 32: ~8% error per projection, through 5 layers and the head
-    out = zamba2.generate(q, ids, 4)  # int4 decode (few rows) agrees with the int4 full forward (many rows)
-    for t in range(4):
-        assert torch.equal(q(out[:, :24 + t])[:, -1].argmax(-1), out[:, 24 + t])
+    # int4 decode steps (few rows: the compiled GEMV, which also rounds its inputs to int8 per group) stay near the
+    # int4 full forward (many rows: the dequantized weights times the inputs as they are)
+    cache = q.new_cache(batch_size=2)
+    q(ids[:, :20], cache=cache)
+    steps = torch.stack([q(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(20, 24)], 1)  # [2, 4, vocab]
+    full = q(ids)[:, 20:]
+    assert (steps - full).norm() / full.norm() < 0.1
+    assert (steps.argmax(-1) == full.argmax(-1)).float().mean() >= 0.75
     with pytest.raises(ValueError, match="already int4"):
         zamba2.quantize_int8(q)
 
