@@ -100,3 +100,12 @@ def test_dpo_raises_the_chosen_vs_rejected_margin(setup, tmp_path, capsys, lora)
     assert margins[-1] > margins[0] and records[-1].get("reward_accuracy", 1) >= 0.5
     # the saved model prefers the chosen answers more than the starting model does
     assert mean_margin(tmp_path / ("merged" if lora else "checkpoint"), setup) > 0.5
+
+
+def test_data_beyond_the_models_vocabulary_is_one_line(setup, tmp_path, capsys):
+    """A preset with a smaller vocabulary than the tokenizer's: one line before the reference log-probs are scored
+    (which would index past the embedding)."""
+    assert main(["dpo", "--model", "tiny", "--data", str(setup / "pairs.jsonl"), "--out", str(tmp_path / "o"),
+                 "--seq-len", "64", "--steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "zamba2 dpo: error: data vocabulary (32000) exceeds the model's (128)"

@@ -156,13 +156,14 @@ def dpo(cfg, beta: float = 0.1, lora=None, merge: bool = False, resume: bool = F
 
     Output as `finetune`: OUT/checkpoint, or with LoRA OUT/adapter or OUT/merged. Returns the data counts."""
     from .finetune import finetune
-    from .trainer import build_model, compute_dtype, start_folder
+    from .trainer import build_model, check_vocabulary, compute_dtype, start_folder
 
     folder = start_folder(cfg.model)  # None for a preset
     stats: dict = {}
     tokenizer = load_tokenizer(folder)
     rows = read_pairs(cfg.data, tokenizer, folder, cfg.seq_len, stats)
     model = build_model(cfg)  # the starting model: first the frozen reference, then (same weights) the policy
+    check_vocabulary(model, tokenizer.vocab_size)
     add_reference(rows, model, compute_dtype(cfg.dtype, model.device))
     train, val = shuffle_split(rows, cfg.val_fraction, cfg.seed)
     loaders = (PairLoader(train, cfg.batch_size, tokenizer.vocab_size),

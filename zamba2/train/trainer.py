@@ -186,6 +186,12 @@ def start_folder(model: str, revision: str | None = None) -> Path | None:
     return resolve(model, revision)
 
 
+def check_vocabulary(model: Zamba2LM, data_vocab: int) -> None:
+    """Token ids the model has no embedding for: one line before any work (not an index error mid-step)."""
+    if model.config.vocab_size < data_vocab:
+        raise UserError(f"data vocabulary ({data_vocab}) exceeds the model's ({model.config.vocab_size})")
+
+
 def build_model(cfg: TrainConfig) -> Zamba2LM:
     if cfg.model in PRESET_NAMES:
         mc = model_preset(cfg.model, **(cfg.model_overrides or {}))
@@ -292,8 +298,7 @@ class Trainer:
             state = torch.load(state_path, weights_only=False)
         else:
             self.model = model if model is not None else build_model(cfg)
-        if self.model.config.vocab_size < data_vocab:
-            raise UserError(f"data vocabulary ({data_vocab}) exceeds the model's ({self.model.config.vocab_size})")
+        check_vocabulary(self.model, data_vocab)
         self.lora = lora
         if lora is not None:
             lora.apply(self.model)
