@@ -44,7 +44,8 @@ from .zamba2 import Zamba2LM
 # config.json's model_type -> its config and model classes
 ARCHITECTURES = {"zamba2": (Config, Zamba2LM), "zamba": (Zamba1Config, Zamba1LM)}
 
-HF_KEYS = {
+# the rows both architectures' tables start with
+LAYER_KEYS = {
     "model.embed_tokens.weight": "embed_tokens.weight",
     "model.final_layernorm.weight": "final_layernorm.weight",
     "lm_head.weight": "lm_head.weight",
@@ -53,6 +54,9 @@ HF_KEYS = {
     "model.layers.{i}.mamba_decoder.input_layernorm.weight": "layers.{i}.input_layernorm.weight",
     "model.layers.{i}.mamba_decoder.mamba.{w}": "layers.{i}.mamba.{w}",
     "model.layers.{i}.linear.weight": "layers.{i}.linear.weight",
+}
+HF_KEYS = {
+    **LAYER_KEYS,
     "model.layers.{i}.shared_transformer.self_attn.linear_{qkv}_adapter_list.{j}.{ab}.weight":
         "layers.{J}.{qkv}_adapter.{ab}.weight",
     "model.layers.{i}.shared_transformer.feed_forward.gate_up_proj_adapter_list.{j}.{ab}.weight":
@@ -72,14 +76,7 @@ LEGACY_PREFIXES = ("model.blocks.", "model.mamba_layers.", "model.linear_layers.
 # Zamba1 (transformers' ZambaForCausalLM): the one shared block is `shared_transf`, tied across the hybrid layers;
 # save_pretrained writes it under the first hybrid layer, a re-save may copy it under every one.
 ZAMBA1_KEYS = {
-    "model.embed_tokens.weight": "embed_tokens.weight",
-    "model.final_layernorm.weight": "final_layernorm.weight",
-    "lm_head.weight": "lm_head.weight",
-    "model.layers.{i}.input_layernorm.weight": "layers.{i}.input_layernorm.weight",
-    "model.layers.{i}.mamba.{w}": "layers.{i}.mamba.{w}",
-    "model.layers.{i}.mamba_decoder.input_layernorm.weight": "layers.{i}.input_layernorm.weight",
-    "model.layers.{i}.mamba_decoder.mamba.{w}": "layers.{i}.mamba.{w}",
-    "model.layers.{i}.linear.weight": "layers.{i}.linear.weight",
+    **LAYER_KEYS,
     "model.layers.{i}.shared_transf.{w}": "shared_blocks.{B}.{w}",
 }
 _SLOTS = {"i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "b": r"(?P<b>\d+)", "qkv": r"(?P<qkv>[qkv])",

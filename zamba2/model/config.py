@@ -52,8 +52,25 @@ MAMBA_TYPES = {"mamba", "m", "linear_attention"}  # names used by Zyphra, old an
 HYBRID_TYPES = {"hybrid", "g"}
 
 
+class SharedBlockSizes:
+    """What both architectures' configs (this Config and zamba1_config.Zamba1Config) derive alike."""
+
+    @property
+    def attention_hidden_size(self) -> int:  # the shared block reads concat(hidden, embeddings)
+        return 2 * self.hidden_size
+
+    @property
+    def attention_head_dim(self) -> int:  # 2D / nh, not D / nh
+        return self.attention_hidden_size // self.num_attention_heads
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+
 @dataclass
-class Config:
+class Config(SharedBlockSizes):
     vocab_size: int = 32000  # Mistral v0.1 SentencePiece vocabulary
     hidden_size: int = 2560  # D, width of the residual stream
     num_hidden_layers: int = 54  # L; every layer owns a Mamba2 mixer
@@ -155,24 +172,11 @@ class Config:
         return self.d_inner + self.conv_dim + self.n_mamba_heads
 
     @property
-    def attention_hidden_size(self) -> int:  # the shared block reads concat(hidden, embeddings)
-        return 2 * self.hidden_size
-
-    @property
-    def attention_head_dim(self) -> int:  # 2D / nh, not D / nh
-        return self.attention_hidden_size // self.num_attention_heads
-
-    @property
     def effective_rope_theta(self) -> float:
         if not self.use_long_context:
             return self.rope_theta
         hd = self.attention_head_dim
         return self.rope_theta * 8 ** (hd / (hd - 2))  # NTK-aware scaling used by Zyphra's long-context mode
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        e = self.eos_token_id
-        return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
     # ---- (de)serialisation ----
     @classmethod

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UserError, check_choice, check_keys, check_range, check_types, naming, read_json
-from .config import HYBRID_TYPES, MAMBA_TYPES
+from .config import HYBRID_TYPES, MAMBA_TYPES, SharedBlockSizes
 
 DERIVED_KEYS = {"attention_hidden_size", "attention_head_dim", "head_dim"}
 IGNORED_KEYS = {
@@ -32,7 +32,7 @@ POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size
 
 
 @dataclass
-class Zamba1Config:
+class Zamba1Config(SharedBlockSizes):
     vocab_size: int = 32000
     hidden_size: int = 3712  # D
     num_hidden_layers: int = 76  # L; every layer owns a Mamba1 mixer
@@ -115,19 +115,6 @@ class Zamba1Config:
     @property
     def conv_dim(self) -> int:  # the conv runs on x only (B, C come after it, from x_proj)
         return self.d_inner
-
-    @property
-    def attention_hidden_size(self) -> int:  # the shared block reads concat(hidden, embeddings)
-        return 2 * self.hidden_size
-
-    @property
-    def attention_head_dim(self) -> int:  # 2D / nh, not D / nh
-        return self.attention_hidden_size // self.num_attention_heads
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        e = self.eos_token_id
-        return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
     # ---- (de)serialisation ----
     @classmethod
