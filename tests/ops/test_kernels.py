@@ -314,6 +314,17 @@ def test_lock_left_by_a_killed_build_does_not_hang_the_next_load(k):
         stale.unlink(missing_ok=True)
 
 
+@pytest.mark.parametrize("capability,vnni,isa", [("AVX512", True, "AVX512_VNNI"), ("AVX512", False, "AVX512"),
+                                                  ("AVX2", True, "AVX2"), ("DEFAULT", False, "DEFAULT")])
+def test_instruction_set_adds_vnni_to_avx512_only(monkeypatch, capability, vnni, isa):
+    """The build each CPU gets (the VNNI build's int4 dot products are checked on CPUs that have it, the other
+    form by the AVX2 build, test_kernels_built_for_a_narrower_instruction_set_equal_torch)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
+    assert kernels.instruction_set() == isa
+    assert (isa in kernels.ISA_FLAGS) == (isa != "DEFAULT")
+
+
 def test_build_is_named_by_what_the_binary_depends_on(tmp_path):
     a, b = tmp_path / "a.cpp", tmp_path / "b.h"
     a.write_text("int f();")

@@ -47,6 +47,13 @@ def untracked(tensors, device_type: str) -> bool:
 # the noise of the AVX2 build (bench/compare.py, alternating processes): both top out near 150 GFLOP/s there.
 ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"],
              "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]}
+ISA_FLAGS["AVX512_VNNI"] = [*ISA_FLAGS["AVX512"], "-mavx512vnni"]  # the int4 GEMV's int8 dot products in one instruction
+
+
+def instruction_set() -> str:
+    """torch's reading of the CPU (AVX2, AVX512, ...), with VNNI added where an AVX-512 CPU has it."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return "AVX512_VNNI" if isa == "AVX512" and torch.cpu._is_vnni_supported() else isa
 
 
 def build_name(isa: str, sources: list[Path]) -> str:
@@ -64,7 +71,7 @@ def build_name(isa: str, sources: list[Path]) -> str:
 
 @functools.cache
 def _build():
-    isa = torch.backends.cpu.get_cpu_capability()
+    isa = instruction_set()
     if isa not in ISA_FLAGS:
         return None
     from torch.utils import cpp_extension
