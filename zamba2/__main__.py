@@ -157,7 +157,8 @@ def cmd_serve(args) -> None:
                     max_body_bytes=args.max_body_bytes, prefix_cache_mb=args.prefix_cache_mb,
                     prefill_chunk=args.prefill_chunk)
     serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits, args.int8,
-          args.int4, args.api_key or os.environ.get("ZAMBA2_API_KEY") or None, args.drain_timeout, args.revision)
+          args.int4, args.api_key or os.environ.get("ZAMBA2_API_KEY") or None, args.drain_timeout, args.revision,
+          load_draft(args), args.num_speculative)
 
 
 def cmd_eval_perplexity(args) -> None:
@@ -266,13 +267,14 @@ def add_speculative_flags(p: argparse.ArgumentParser, where: str = "") -> None:
     spec = p.add_mutually_exclusive_group()
     spec.add_argument("--draft", default=None, metavar="MODEL",
                       help="a smaller checkpoint with the same tokenizer proposes tokens the model checks in one "
-                           "forward (e.g. Zamba2-1.2B for the 7B, or the model itself with --draft-int8)" + where)
+                           "forward (e.g. Zamba2-1.2B for the 7B, or the model itself with --draft-int8)")
     spec.add_argument("--prompt-lookup", action="store_true",
                       help="propose the tokens that followed the last few tokens earlier in the prompt or output: "
-                           "no second model; for output that repeats its input (summaries, edits, code)" + where)
+                           "no second model; for output that repeats its input (summaries, edits, code)")
     p.add_argument("--draft-int8", action="store_true", help="the --draft model with int8 weight-only matmuls")
     p.add_argument("--num-speculative", type=int, default=None, metavar="K",
-                   help="propose K tokens every step (default: adaptive, 0 to 4 by measured acceptance and speed)")
+                   help="propose K tokens every step (default: adaptive, 0 to 4 by measured acceptance and speed)"
+                        + where)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens prefilled per engine step while other sequences decode: smaller keeps their "
                         "inter-token latency low, larger prefills a long prompt faster (default 256)")
+    add_speculative_flags(s, where="; the server speculates while one request runs alone, unless it asks for "
+                          "logprobs, is sampled with a seed, or sends \"speculative\": false")
     # operating it
     s.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every route but /health (default: $ZAMBA2_API_KEY; "

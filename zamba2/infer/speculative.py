@@ -36,6 +36,8 @@ PROMPT_LOOKUP = "prompt-lookup"
 NUM_SPECULATIVE = 4  # the largest k when adaptive (num_speculative None): the schedule picks k in 0..this per step
 MAX_NGRAM = 3  # prompt lookup matches the last 3 tokens, else 2, else 1
 
+MAX_UNFED = 8  # a check re-runs the tokens accepted since the last full acceptance: beyond this, run them first
+
 DECAY = 0.8  # the acceptance rate and the step times are running averages over about 1 / (1 - DECAY) steps
 PROBE_EVERY = 16  # every this many steps the other mode once: plain-step time and acceptance go stale otherwise
 
@@ -239,8 +241,11 @@ class Speculator:
         t0 = time.perf_counter()
         drafts, q = self.drafter.propose(text, k, sampling.pick) if k else ([], None)
         t1 = time.perf_counter()
-        mark = target.mark() if drafts else None
         pending = text[target.seen:]
+        if drafts and len(pending) > MAX_UNFED:  # a run of rejections: else every check re-runs the same tokens
+            target.feed(pending[:-1], 1)
+            pending = pending[-1:]
+        mark = target.mark() if drafts else None
         logits = target.feed(pending + drafts, len(drafts) + 1)
         j, token = sampling.check(logits, drafts, q)
         if j < len(drafts):  # back to before this forward; what it got right goes first in the next one
