@@ -2,6 +2,7 @@
 checks proposals, several alone or together switch between that and batched steps, and the tokens stay those of
 plain decoding; over HTTP with --draft and --prompt-lookup, streamed and not, and the per-request opt-out."""
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -109,8 +110,9 @@ def test_a_bad_draft_is_refused_at_start(model):
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("speculative") / "ckpt"
     zamba2.save(random_model(zamba2.tiny(vocab_size=32000, max_position_embeddings=256)), path)  # Mistral vocabulary
-    (path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>", "chat_template": '
-                                                '"{% for m in messages %}[INST] {{ m[\'content\'] }} [/INST]{% endfor %}"}')
+    template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "chat_template": template}))
     return path
 
 

@@ -16,6 +16,10 @@ every token is distributed as the model's, with temperature, top-k and top-p app
 Drafters: a smaller model with the same vocabulary (its own cache, rolled back alike), or prompt lookup: the tokens
 that followed the latest earlier occurrence of the text's last n tokens (no second model; q is a point mass).
 Batch 1 only: rows would accept different numbers of tokens, and the cache's rows share one KV length.
+
+A Speculator holds what carries over from one call to the next that continues the same sequence: the drafter,
+the schedule and the text so far. `zamba2 chat --draft` keeps one across turns, as it keeps the cache; the
+server's engine keeps one per request and speculates while that request runs alone (serve/engine.py).
 """
 
 from __future__ import annotations
