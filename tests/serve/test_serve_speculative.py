@@ -34,10 +34,11 @@ def nudged(model):
     return draft
 
 
-@pytest.mark.parametrize("draft", ["nudged", "other", "prompt-lookup"])
-def test_rows_alone_and_together_give_the_plain_tokens(model, draft, monkeypatch):
+@pytest.mark.parametrize("draft, k", [("nudged", None), ("other", 3), ("prompt-lookup", 3)])
+def test_rows_alone_and_together_give_the_plain_tokens(model, draft, k, monkeypatch):
     """A speculating row, others joining it (it catches up on the tokens it lags by), the batch shrinking to one
-    again, a prompt continuing a speculating row's prefix-cache snapshot: each row's tokens are generate's."""
+    again, a prompt continuing a speculating row's prefix-cache snapshot: each row's tokens are generate's.
+    k None: the adaptive schedule."""
     lags = []
     catch_up = Engine._catch_up
 
@@ -48,7 +49,7 @@ def test_rows_alone_and_together_give_the_plain_tokens(model, draft, monkeypatch
 
     monkeypatch.setattr(Engine, "_catch_up", noted)
     drafter = {"nudged": nudged(model), "other": random_model(model.config, seed=1)}.get(draft, draft)
-    engine = Engine(model, max_batch=4, prefix_cache_bytes=2**26, draft=drafter, num_speculative=3).start()
+    engine = Engine(model, max_batch=4, prefix_cache_bytes=2**26, draft=drafter, num_speculative=k).start()
     g = torch.Generator().manual_seed(0)
     specs = [(REPETITIVE, 40)] + [(torch.randint(3, 128, (n,), generator=g).tolist(), 12 + n) for n in (3, 9, 17, 30)]
     try:
