@@ -146,7 +146,8 @@ BAD_INPUTS = [  # (what, command line with {root} and {ckpt}, words the one line
     ("sampling", "generate --model {ckpt} --prompt x --top-p 1.5", "top_p = 1.5"),
     ("sampling", f"generate --model {{ckpt}} --prompt x --temperature 1 --seed {2**64}", "seed = 18446744073709551616"),
     ("speculative", "generate --model {ckpt} --prompt x --prompt-lookup --num-speculative -1", "num_speculative = -1"),
-    ("speculative", "generate --model {ckpt} --prompt x --num-speculative 2", "num_speculative needs a draft"),
+    ("speculative", "generate --model {ckpt} --prompt x --num-speculative 2",
+     "--num-speculative goes with --draft MODEL or --prompt-lookup"),
     ("device", "generate --model {ckpt} --prompt x --device banana", "device 'banana': expected cpu, cuda"),
     ("device", "generate --model {ckpt} --prompt x --device cuda:99", "CUDA GPU"),  # none here, or fewer than 100
     ("tokenizer", "prepare {root}/random.bin --out {root}/d --tokenizer {root}/tokenizer.json",

@@ -27,9 +27,7 @@ def cmd_generate(args) -> None:
     from .infer.load import load_for_inference
 
     model, tok = load_for_inference(args.model, args.dtype, args.device, args.int8, args.int4, args.revision)
-    draft = "prompt-lookup" if args.prompt_lookup else None
-    if args.draft:
-        draft = load_for_inference(args.draft, args.dtype, args.device, args.draft_int8)[0]
+    draft = load_draft(args)
     ids = tok.encode(args.prompt)
     eos = model.config.eos_token_ids if not args.ignore_eos else None
     for _, text in stream_text(model, tok, ids, args.max_new_tokens, eos, context=ids, temperature=args.temperature,
@@ -49,9 +47,23 @@ def cmd_chat(args) -> None:
     folder = resolve(args.model, args.revision)
     model, tok = load_for_inference(folder, args.dtype, args.device, args.int8, args.int4)
     session = ChatSession(model, tok, chat_template(folder, tok), args.system, args.max_new_tokens, args.temperature,
-                          args.top_k, args.top_p, args.seed, args.max_context)
+                          args.top_k, args.top_p, args.seed, args.max_context, load_draft(args),
+                          args.num_speculative)
     interactive = sys.stdin.isatty()
     chat(session, terminal_lines() if interactive else sys.stdin, sys.stdout, interactive)
+
+
+def load_draft(args):
+    """The drafter --draft / --prompt-lookup name: a loaded model, "prompt-lookup" or None."""
+    from .infer.load import load_for_inference
+
+    if args.draft_int8 and not args.draft:
+        raise UserError("--draft-int8 goes with --draft MODEL")
+    if args.num_speculative is not None and not (args.draft or args.prompt_lookup):
+        raise UserError("--num-speculative goes with --draft MODEL or --prompt-lookup")
+    if args.draft:
+        return load_for_inference(args.draft, args.dtype, args.device, args.draft_int8)[0]
+    return "prompt-lookup" if args.prompt_lookup else None
 
 
 def cmd_quantize(args) -> None:
@@ -145,7 +157,8 @@ def cmd_serve(args) -> None:
                     max_body_bytes=args.max_body_bytes, prefix_cache_mb=args.prefix_cache_mb,
                     prefill_chunk=args.prefill_chunk)
     serve(args.model, args.host, args.port, args.dtype, args.device, args.served_model_name, limits, args.int8,
-          args.int4, args.api_key or os.environ.get("ZAMBA2_API_KEY") or None, args.drain_timeout, args.revision)
+          args.int4, args.api_key or os.environ.get("ZAMBA2_API_KEY") or None, args.drain_timeout, args.revision,
+          load_draft(args), args.num_speculative)
 
 
 def cmd_eval_perplexity(args) -> None:
@@ -248,6 +261,22 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
                         "weight memory, at some accuracy (bench/quant.py measures both)")
 
 
+def add_speculative_flags(p: argparse.ArgumentParser, where: str = "") -> None:
+    """--draft MODEL [--draft-int8] | --prompt-lookup, --num-speculative K: speculative decoding (batch 1; the same
+    output as without it)."""
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--draft", default=None, metavar="MODEL",
+                      help="a smaller checkpoint with the same tokenizer proposes tokens the model checks in one "
+                           "forward (e.g. Zamba2-1.2B for the 7B, or the model itself with --draft-int8)")
+    spec.add_argument("--prompt-lookup", action="store_true",
+                      help="propose the tokens that followed the last few tokens earlier in the prompt or output: "
+                           "no second model; for output that repeats its input (summaries, edits, code)")
+    p.add_argument("--draft-int8", action="store_true", help="the --draft model with int8 weight-only matmuls")
+    p.add_argument("--num-speculative", type=int, default=None, metavar="K",
+                   help="propose K tokens every step (default: adaptive, 0 to 4 by measured acceptance and speed)"
+                        + where)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zamba2", description="Run, train and serve Zamba2 hybrid language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -266,17 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     add_quant_flags(g)
-    # speculative decoding (batch 1; same output as without it)
-    spec = g.add_mutually_exclusive_group()
-    spec.add_argument("--draft", default=None, metavar="MODEL",
-                      help="a smaller checkpoint with the same tokenizer proposes tokens the model checks in one "
-                           "forward (e.g. Zamba2-1.2B for the 7B, or the model itself with --draft-int8)")
-    spec.add_argument("--prompt-lookup", action="store_true",
-                      help="propose the tokens that followed the last few tokens earlier in the prompt or output: "
-                           "no second model; for output that repeats its input (summaries, edits, code)")
-    g.add_argument("--draft-int8", action="store_true", help="the --draft model with int8 weight-only matmuls")
-    g.add_argument("--num-speculative", type=int, default=None, metavar="K",
-                   help="propose K tokens every step (default: adaptive, 0 to 4 by measured acceptance and speed)")
+    add_speculative_flags(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="chat in the terminal (or over piped stdin, a line per turn), the conversation's "
@@ -294,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     add_quant_flags(c)
+    add_speculative_flags(c)
     c.set_defaults(func=cmd_chat)
 
     q = sub.add_parser("quantize", help="write a checkpoint with int8 or int4 weights, which every command loads as is")
@@ -369,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens prefilled per engine step while other sequences decode: smaller keeps their "
                         "inter-token latency low, larger prefills a long prompt faster (default 256)")
+    add_speculative_flags(s, where="; the server speculates while one request runs alone, unless it asks for "
+                          "logprobs, is sampled with a seed, or sends \"speculative\": false")
     # operating it
     s.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every route but /health (default: $ZAMBA2_API_KEY; "

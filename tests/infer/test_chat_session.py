@@ -115,3 +115,54 @@ def test_the_command_line_chats_over_piped_stdin(model, tok, tmp_path):
     assert out.stdout.splitlines()[0] == "".join(session.say("Hello"))
     assert [m["role"] for m in json.loads((tmp_path / "c.json").read_text())["messages"]] == [
         "system", "user", "assistant"]
+
+
+@pytest.mark.parametrize("draft", ["model", "prompt-lookup"])
+def test_a_speculative_conversation_gives_the_plain_conversations_tokens(model, tok, draft):
+    """The drafter carried from turn to turn (a draft model's own cache, prompt lookup's index over the whole
+    conversation), including a dropped turn and a template that rewrites history, gives exactly the tokens of the
+    same chat without it; the cache holds the conversation."""
+    drafter = random_model(model.config, seed=1) if draft == "model" else draft
+    turns = TURNS + ["Hello there", "Hello there"]  # a repeated turn: prompt lookup finds its earlier reply
+    plain = ChatSession(model, tok, chat_template(None, tok), system="Be brief.", max_new_tokens=8)
+    fast = ChatSession(model, tok, chat_template(None, tok), system="Be brief.", max_new_tokens=8, draft=drafter,
+                       num_speculative=3)
+    for text in turns:
+        "".join(plain.say(text))
+        "".join(fast.say(text))
+        assert fast.reply == plain.reply and fast.ids == plain.ids and fast.cache.length == len(fast.ids)
+        assert fast.speculator.text == fast.ids
+    assert fast.speculator.stats["proposed"] > 0
+    if draft == "prompt-lookup":
+        assert fast.speculator.stats["accepted"] > 0
+    reply = fast.say("Tell me more")  # stopped: the turn is dropped, the drafter starts again on the rest
+    next(reply)
+    reply.close()
+    assert fast.speculator.text == fast.ids and fast.cache.length == len(fast.ids)
+    checked_conversation(model, fast, ["Tell me more"])
+    assert fast.speculator.text == fast.ids
+
+
+def test_a_speculative_conversation_with_a_rewriting_template(model, tok):
+    counting = "{{ messages|length }}" + chat_template(None, tok).source
+    template = ChatTemplate({"chat_template": counting}, TextCodec(tok, {}))
+    session = ChatSession(model, tok, template, max_new_tokens=4, draft="prompt-lookup")
+    checked_conversation(model, session, TURNS[:3])
+    assert session.reprefills == 2 and session.speculator.text == session.ids
+
+
+def test_the_command_line_chats_speculatively(model, tok, tmp_path):
+    folder = tmp_path / "ckpt"
+    zamba2.save(model, folder)
+    save_tokenizer(tok, folder)
+    lines = "Hello\nHello\nBye\n"
+    outs = []
+    for flags in ([], ["--draft", str(folder), "--draft-int8"], ["--prompt-lookup", "--num-speculative", "2"]):
+        out = subprocess.run([sys.executable, "-m", "zamba2", "chat", "--model", str(folder), "--max-new-tokens", "6",
+                              *flags], input=lines, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        outs.append(out.stdout)
+    assert outs[0].count("\n") == 3 and outs[1] == outs[0] and outs[2] == outs[0]
+    out = subprocess.run([sys.executable, "-m", "zamba2", "chat", "--model", str(folder), "--num-speculative", "2"],
+                         input="Hi\n", capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "--num-speculative goes with --draft MODEL or --prompt-lookup" in out.stderr

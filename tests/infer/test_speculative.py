@@ -111,6 +111,24 @@ def test_a_draft_that_agrees_is_accepted_and_one_that_does_not_falls_back_to_pla
     assert other["proposed"] < 60 / 3
 
 
+def test_a_run_of_rejections_reruns_at_most_max_unfed_tokens(monkeypatch):
+    """After a rejection the accepted tokens go first in the next check; after a run of them, those tokens are run
+    on their own first, so that a check never re-runs more than MAX_UNFED."""
+    model = random_model()
+    ids = torch.randint(3, 128, (1, 9))
+    rerun, feed = [], speculative.Cursor.feed
+
+    def noted(cursor, tokens, keep):
+        if cursor.model is model and keep > 1:  # a check: the tokens before its proposals
+            rerun.append(len(tokens) - (keep - 1))
+        return feed(cursor, tokens, keep)
+
+    monkeypatch.setattr(speculative.Cursor, "feed", noted)
+    out = zamba2.generate(model, ids, 60, draft=random_model(seed=1), num_speculative=4)
+    assert torch.equal(out, zamba2.generate(model, ids, 60))
+    assert 2 < max(rerun) <= speculative.MAX_UNFED
+
+
 def test_schedule_proposes_what_pays_and_probes_when_nothing_does():
     schedule = speculative.Schedule(k_max=6, adaptive=True)
     assert schedule.next(room=10) == 0  # a plain step first, to time it

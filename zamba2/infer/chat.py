@@ -24,6 +24,7 @@ from ..model.zamba2 import Zamba2LM
 from ..text.chat import ChatTemplate
 from ..text.tokenizer import Tokenizer
 from .generate import stream_text
+from .speculative import Speculator
 
 COMMANDS = "/reset, /system TEXT, /save FILE, /exit"
 
@@ -35,7 +36,10 @@ class ContextFull(UserError):
 class ChatSession:
     def __init__(self, model: Zamba2LM, tokenizer: Tokenizer, template: ChatTemplate, system: str | None = None,
                  max_new_tokens: int = 512, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, max_context: int | None = None):
+                 top_p: float | None = None, seed: int | None = None, max_context: int | None = None,
+                 draft=None, num_speculative: int | None = None):
+        """`draft`, `num_speculative`: speculative decoding as in generate.stream (a draft model or "prompt-lookup");
+        the drafter carries the conversation from turn to turn as the cache does."""
         check_sampling(temperature, top_k, top_p, seed)
         check_range("chat", "max_new_tokens", max_new_tokens, 1)
         if max_context is not None:
@@ -48,6 +52,7 @@ class ChatSession:
         self.context = min(max_context, limit) if max_context else limit
         self.eos = model.config.eos_token_ids or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
         self.system = system
+        self.draft, self.num_speculative = draft, num_speculative
         self.reprefills = 0
         self.reset()
 
@@ -59,6 +64,14 @@ class ChatSession:
         self.text = ""  # the conversation text they spell, as the template rendered it
         self.reply: list[int] = []  # the last reply's tokens (its eos included)
         self.stop = None  # why the last reply ended: "eos", "length" (max_new_tokens) or "context"
+        self.speculator = self._speculator([])
+
+    def _speculator(self, text: list[int]) -> Speculator | None:
+        """The drafter state for a conversation whose cache holds `text` (None: no draft). A draft model catches
+        up on `text` in one forward at its first proposal; prompt lookup indexes it."""
+        if self.draft is None:
+            return None
+        return Speculator(self.model, self.draft, self.num_speculative, text=text)
 
     def set_system(self, text: str | None) -> None:
         """A new system prompt: it comes first in the conversation, so the conversation starts over."""
@@ -80,12 +93,13 @@ class ChatSession:
                               "/reset starts a new one")
         kept, point = self.cache, self.cache.snapshot()
         cache = self.cache if carried else self.model.new_cache(1)  # else the template rewrote the history
+        speculator = self.speculator if carried else self._speculator([])
         reply: list[int] = []
         seed = None if self.seed is None else self.seed + len(self.messages)  # a fresh draw each turn, reproducible
         finished = False
         try:
             for token, piece in stream_text(self.model, self.tok, new, min(self.max_new_tokens, room), self.eos,
-                                            cache=cache, seed=seed, **self.sampling):
+                                            cache=cache, seed=seed, draft=speculator, **self.sampling):
                 reply.append(token)
                 yield piece
             finished = True
@@ -93,7 +107,10 @@ class ChatSession:
             if not finished:
                 with torch.inference_mode():  # the cache's tensors were made by stream, in inference mode
                     kept.restore(point)
-        self.cache, self.reprefills = cache, self.reprefills + (not carried)
+                if speculator is not None and carried:  # it has run the dropped reply: start it again on the rest
+                    self.speculator = self._speculator(self.ids)
+        self.cache, self.speculator = cache, speculator
+        self.reprefills += not carried
         if not carried:
             self.ids = []
         ended = bool(reply) and reply[-1] in self.eos

@@ -62,7 +62,8 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
     `decoder` chooses (a CUDA graph replay on a GPU).
 
     `draft` (a smaller model with the same vocabulary, or "prompt-lookup") turns on speculative decoding
-    (speculative.py, batch 1): up to `num_speculative` proposed tokens checked per forward, same outputs.
+    (speculative.py, batch 1): up to `num_speculative` proposed tokens checked per forward, same outputs. With a
+    carried `cache`, a `speculative.Speculator` continues the drafter from call to call (a chat's turns).
 
     `cache`: continue the sequences it holds (a chat's earlier turns): `input_ids` are the tokens after them, and
     every yielded token is run into it too, the last one included, so that it holds the whole conversation once the
@@ -88,11 +89,9 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, temperature:
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     if draft is not None:
-        if cache is not None:
-            raise UserError("speculative decoding starts from a prompt, not from a carried cache")
         if max_new_tokens:
             yield from speculative.stream(model, input_ids, max_new_tokens, draft, num_speculative, temperature, top_k,
-                                          top_p, set(eos.tolist()), gen, attention_mask, prefill_chunk)
+                                          top_p, set(eos.tolist()), gen, attention_mask, prefill_chunk, cache=cache)
         return
     if num_speculative is not None:
         raise UserError("num_speculative needs a draft (a model or 'prompt-lookup')")

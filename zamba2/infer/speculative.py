@@ -16,17 +16,23 @@ every token is distributed as the model's, with temperature, top-k and top-p app
 Drafters: a smaller model with the same vocabulary (its own cache, rolled back alike), or prompt lookup: the tokens
 that followed the latest earlier occurrence of the text's last n tokens (no second model; q is a point mass).
 Batch 1 only: rows would accept different numbers of tokens, and the cache's rows share one KV length.
+
+A Speculator holds what carries over from one call to the next that continues the same sequence: the drafter,
+the schedule and the text so far. `zamba2 chat --draft` keeps one across turns, as it keeps the cache; the
+server's engine keeps one per request and speculates while that request runs alone (serve/engine.py).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..model.cache import HybridCache
 from ..model.zamba2 import Zamba2LM
 from .step import decode_step, prefill, probabilities
 
@@ -34,15 +40,17 @@ PROMPT_LOOKUP = "prompt-lookup"
 NUM_SPECULATIVE = 4  # the largest k when adaptive (num_speculative None): the schedule picks k in 0..this per step
 MAX_NGRAM = 3  # prompt lookup matches the last 3 tokens, else 2, else 1
 
+MAX_UNFED = 8  # a check re-runs the tokens accepted since the last full acceptance: beyond this, run them first
+
 DECAY = 0.8  # the acceptance rate and the step times are running averages over about 1 / (1 - DECAY) steps
 PROBE_EVERY = 16  # every this many steps the other mode once: plain-step time and acceptance go stale otherwise
 
 
 class Cursor:
-    """A model, its batch-1 cache and how many tokens of the text the cache holds."""
+    """A model, a cache of one sequence and how many tokens of the sequence's text the cache holds."""
 
-    def __init__(self, model: Zamba2LM, capacity: int, prefill_chunk: int | None):
-        self.model, self.cache, self.seen, self.prefill_chunk = model, model.new_cache(1, capacity), 0, prefill_chunk
+    def __init__(self, model: Zamba2LM, cache: HybridCache, seen: int, prefill_chunk: int | None):
+        self.model, self.cache, self.seen, self.prefill_chunk = model, cache, seen, prefill_chunk
 
     def feed(self, tokens: list[int], keep: int) -> Tensor:
         """Run `tokens` into the cache -> the logits at the last `keep` of them [keep, vocab]."""
@@ -90,7 +98,7 @@ class DraftModel:
     before each proposal it feeds, so that a rejection rolls it back to the accepted prefix without a re-run."""
 
     def __init__(self, model: Zamba2LM, capacity: int, prefill_chunk: int | None):
-        self.cursor = Cursor(model, capacity, prefill_chunk)
+        self.cursor = Cursor(model, model.new_cache(1, capacity), 0, prefill_chunk)
         self.held: list[int] = []  # the tokens the cache holds
         self.marks: dict[int, tuple] = {}
 
@@ -193,37 +201,113 @@ def drafter_for(model: Zamba2LM, draft, capacity: int, prefill_chunk: int | None
     return DraftModel(draft, capacity, prefill_chunk)
 
 
+@dataclass
+class Sampling:
+    """How the model's tokens and the drafter's proposals are drawn (temperature 0: greedy)."""
+
+    temperature: float
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    def pick(self, logits: Tensor) -> tuple[int, Tensor | None]:
+        """A drafter's proposal from its logits [1, vocab], and the distribution it was drawn from (None: greedy)."""
+        if self.temperature == 0:
+            return int(logits.argmax()), None
+        q = probabilities(logits, self.temperature, self.top_k, self.top_p)
+        return int(torch.multinomial(q, 1, generator=self.generator)), q
+
+    def check(self, logits: Tensor, drafts: list[int], q: Tensor | None) -> tuple[int, int]:
+        return check(logits, drafts, q, self.temperature, self.top_k, self.top_p, self.generator)
+
+
+class Speculator:
+    """What speculative decoding keeps of one sequence from step to step, and from one call to the next that
+    continues it (a chat's turns, a server request's spells alone in the batch): the drafter (a draft model's own
+    cache, prompt lookup's index), the schedule of k, counts, and `text`, the sequence `stream` has run so far
+    (the tokens the carried cache holds once a stream is exhausted)."""
+
+    def __init__(self, model: Zamba2LM, draft, num_speculative: int | None, capacity: int = 0,
+                 prefill_chunk: int | None = None, text: list[int] = ()):
+        k_max = NUM_SPECULATIVE if num_speculative is None else num_speculative
+        if not isinstance(k_max, int) or isinstance(k_max, bool) or k_max < 0:
+            raise UserError(f"num_speculative = {k_max!r}; expected an integer >= 0 (0: plain decoding)")
+        self.drafter = drafter_for(model, draft, capacity, prefill_chunk)
+        self.schedule = Schedule(k_max, adaptive=num_speculative is None)
+        self.stats = dict(steps=0, proposed=0, accepted=0)
+        self.text = list(text)
+
+    def step(self, target: Cursor, text: list[int], room: int, sampling: Sampling) -> tuple[list[int], int]:
+        """One forward of the model after `text` (its cache, `target`, holds text[:target.seen]; the rest goes
+        first in this forward) -> (the new tokens: the proposals it accepted, then one of its own; at most
+        room + 1 of them, the number of proposals). After a rejection the cache is back before this forward."""
+        k = self.schedule.next(room)
+        t0 = time.perf_counter()
+        drafts, q = self.drafter.propose(text, k, sampling.pick) if k else ([], None)
+        t1 = time.perf_counter()
+        pending = text[target.seen:]
+        if drafts and len(pending) > MAX_UNFED:  # a run of rejections: else every check re-runs the same tokens
+            target.feed(pending[:-1], 1)
+            pending = pending[-1:]
+        mark = target.mark() if drafts else None
+        logits = target.feed(pending + drafts, len(drafts) + 1)
+        j, token = sampling.check(logits, drafts, q)
+        if j < len(drafts):  # back to before this forward; what it got right goes first in the next one
+            target.rewind(mark)
+        t2 = time.perf_counter()
+        if drafts:
+            self.schedule.update(len(drafts), j)
+            self.schedule.timed("check", t2 - t1)
+            if isinstance(self.drafter, DraftModel):
+                self.schedule.timed("draft", (t1 - t0) / len(drafts))
+        elif len(pending) == 1:
+            self.schedule.timed("plain", t2 - t1)
+        self.stats["steps"] += 1
+        self.stats["proposed"] += len(drafts)
+        self.stats["accepted"] += j
+        new = drafts[:j] + [token]
+        self.drafter.rollback(text + new)
+        return new, len(drafts)
+
+
 def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, draft, num_speculative: int | None,
            temperature: float, top_k: int | None, top_p: float | None, eos: set[int], generator: torch.Generator | None,
-           attention_mask: Tensor | None, prefill_chunk: int | None, stats: dict | None = None) -> Iterator[Tensor]:
+           attention_mask: Tensor | None, prefill_chunk: int | None, stats: dict | None = None,
+           cache: HybridCache | None = None) -> Iterator[Tensor]:
     """generate.stream's loop with a drafter (its arguments checked there): yields each new token as a [1] tensor,
     several per forward when proposals are accepted; stops after an EOS token. `stats` (bench/speculative.py)
-    counts the model's forwards after the prompt ("steps"), the tokens "proposed" and those "accepted"."""
-    k_max = NUM_SPECULATIVE if num_speculative is None else num_speculative
-    if not isinstance(k_max, int) or isinstance(k_max, bool) or k_max < 0:
-        raise UserError(f"num_speculative = {k_max!r}; expected an integer >= 0 (0: plain decoding)")
+    counts the model's forwards after the prompt ("steps"), the tokens "proposed" and those "accepted".
+
+    `draft`: a model, PROMPT_LOOKUP, or a Speculator that continues what `cache` holds (its `text`), as a chat's
+    turns do; `cache`, as in generate.stream: it holds the whole sequence once the generator is exhausted."""
     if input_ids.shape[0] != 1:
         raise UserError(f"speculative decoding (draft=...) runs one sequence at a time; got a batch of "
                         f"{input_ids.shape[0]} (generate them one by one, or without a draft)")
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise UserError("speculative decoding takes an unpadded prompt: attention_mask must be all ones")
-    text = input_ids[0].tolist()
-    capacity = len(text) + max_new_tokens + k_max + 1
-    target = Cursor(model, capacity, prefill_chunk)
-    drafter = drafter_for(model, draft, capacity, prefill_chunk)
-    schedule = Schedule(k_max, adaptive=num_speculative is None)
-    stats = {} if stats is None else stats
-    stats.update(steps=0, proposed=0, accepted=0)
+    carried = cache is not None
+    past = cache.length if carried else 0
+    if isinstance(draft, Speculator):
+        if num_speculative is not None:
+            raise UserError("num_speculative is the Speculator's own (set it where the Speculator is made)")
+        speculator = draft
+    else:
+        speculator = Speculator(model, draft, num_speculative, past + input_ids.shape[1] + max_new_tokens + 1,
+                                prefill_chunk)
+    if len(speculator.text) != past:
+        raise UserError(f"the drafter has run {len(speculator.text)} tokens but the cache holds {past}: a carried "
+                        "cache continues with the speculative.Speculator that ran it")
+    text = speculator.text = speculator.text + input_ids[0].tolist()
+    if not carried:
+        cache = model.new_cache(1, len(text) + max_new_tokens + speculator.schedule.k_max + 1)
+    target = Cursor(model, cache, past, prefill_chunk)
+    sampling = Sampling(temperature, top_k, top_p, generator)
+    if stats is not None:  # this call's counts, from here on
+        stats.update(steps=0, proposed=0, accepted=0)
+        speculator.stats = stats
 
-    def pick(logits: Tensor) -> tuple[int, Tensor | None]:
-        """A drafter's proposal from its logits [1, vocab], and the distribution it was drawn from (None: greedy)."""
-        if temperature == 0:
-            return int(logits.argmax()), None
-        q = probabilities(logits, temperature, top_k, top_p)
-        return int(torch.multinomial(q, 1, generator=generator)), q
-
-    logits = target.feed(text, 1)
-    new = [check(logits, [], None, temperature, top_k, top_p, generator)[1]]
+    logits = target.feed(text[target.seen:], 1)
+    new = [sampling.check(logits, [], None)[1]]
     produced = 0
     while True:
         for token in new:
@@ -231,27 +315,8 @@ def stream(model: Zamba2LM, input_ids: Tensor, max_new_tokens: int, draft, num_s
             text.append(token)
             produced += 1
             if token in eos or produced == max_new_tokens:
+                speculator.drafter.rollback(text)  # not past an EOS inside the accepted proposals
+                if carried:  # the cache holds the whole sequence, as generate.stream's does
+                    target.feed(text[target.seen:], 1)
                 return
-        k = schedule.next(room=max_new_tokens - produced - 1)
-        t0 = time.perf_counter()
-        drafts, q = drafter.propose(text, k, pick) if k else ([], None)
-        t1 = time.perf_counter()
-        mark = target.mark() if drafts else None
-        pending = text[target.seen:]
-        logits = target.feed(pending + drafts, len(drafts) + 1)
-        j, token = check(logits, drafts, q, temperature, top_k, top_p, generator)
-        if j < len(drafts):  # back to before this forward; what it got right goes first in the next one
-            target.rewind(mark)
-        t2 = time.perf_counter()
-        if drafts:
-            schedule.update(len(drafts), j)
-            schedule.timed("check", t2 - t1)
-            if isinstance(drafter, DraftModel):
-                schedule.timed("draft", (t1 - t0) / len(drafts))
-        elif len(pending) == 1:
-            schedule.timed("plain", t2 - t1)
-        stats["steps"] += 1
-        stats["proposed"] += len(drafts)
-        stats["accepted"] += j
-        new = drafts[:j] + [token]
-        drafter.rollback(text + new)
+        new, _ = speculator.step(target, text, max_new_tokens - produced - 1, sampling)

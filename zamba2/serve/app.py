@@ -266,9 +266,11 @@ def create_app(server: Server, api_key: str | None = None) -> FastAPI:
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "cpu",
           name: str | None = None, limits: Limits | None = None, int8: bool = False, int4: bool = False,
-          api_key: str | None = None, drain_timeout: float = 30.0, revision: str | None = None) -> None:
+          api_key: str | None = None, drain_timeout: float = 30.0, revision: str | None = None, draft=None,
+          num_speculative: int | None = None) -> None:
     """Load a checkpoint (a folder, or a Hub repo id at `revision`) and serve it with uvicorn until interrupted
-    (SIGINT) or drained (SIGTERM)."""
+    (SIGINT) or drained (SIGTERM). `draft` (a loaded model or "prompt-lookup"), `num_speculative`: speculative
+    decoding for a request alone in the batch (engine.py)."""
     from ..hub import resolve, served_name
     from ..infer.generate import generate
     from ..infer.load import load_for_inference
@@ -278,14 +280,16 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, dtype: str
     model, tokenizer = load_for_inference(folder, dtype, device, int8, int4)
     if model.device.type == "cpu":
         kernels.get()  # built or loaded now, before the server reports healthy, never inside a request
-    generate(model, [[model.config.bos_token_id or 0]], 2)  # first-call costs (compiled step, allocator) paid here
-    server = Server(model, tokenizer, folder, name or served_name(model_path), limits)
+    for warmed in (model, draft) if draft is not None and not isinstance(draft, str) else (model,):
+        generate(warmed, [[model.config.bos_token_id or 0]], 2)  # first-call costs (compiled step, ...) paid here
+    server = Server(model, tokenizer, folder, name or served_name(model_path), limits, draft, num_speculative)
     _log_access()
     config = uvicorn.Config(create_app(server, api_key), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=5)
     auth = "API key required" if api_key else "no API key"
-    print(f"zamba2 serve: {server.name} on http://{host}:{port}/v1 (max batch {server.limits.max_batch}, {auth})",
-          flush=True)
+    spec = "" if draft is None else ", speculative: " + (draft if isinstance(draft, str) else "draft model")
+    print(f"zamba2 serve: {server.name} on http://{host}:{port}/v1 (max batch {server.limits.max_batch}, {auth}"
+          f"{spec})", flush=True)
     _Draining(config, server, drain_timeout).run()
 
 

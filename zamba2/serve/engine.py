@@ -13,6 +13,14 @@ Each loop iteration:
   5. hand each token to its request's `emit` callback (the server turns that into an asyncio queue put);
   6. drop finished and cancelled rows (`HybridCache.select`, then `trim` the KV slots nobody uses).
 
+With a drafter (`draft`: a model or prompt lookup, infer/speculative.py), a row alone in the batch speculates
+instead of step 3: its proposals are checked in one forward on its cache, and every token accepted is delivered
+in that step. Batch 1 only: in a batched step every row feeds one token, and rows would accept different numbers.
+A speculating row's cache may lag its text after a rejection (the accepted tokens go first in its next check);
+it catches up before another row joins. Greedy rows give the same tokens either way; sampled ones are distributed
+the same (rejection sampling). Rows that ask for logprobs, seeded sampled rows (their tokens would depend on
+whether they ran alone) and requests with "speculative": false always take plain steps.
+
 Snapshots of a row's state go to the prefix cache at the end of its prompt, at the end of its completion, and
 where its prompt left the deepest cached path (the branch point that the next request sharing it will hit).
 
@@ -36,6 +44,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..infer.generate import decoder
+from ..infer.speculative import Cursor, Sampling, Speculator
 from ..infer.step import PREFILL_CHUNK, prefill, sample
 from ..model.cache import HybridCache
 from ..model.zamba2 import Zamba2LM
@@ -75,6 +84,7 @@ class Request:
     eos: list[int] = field(default_factory=list)  # empty: ignore EOS
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's logprob plus the top k
     echo_logprobs: bool = False  # also score the prompt tokens (echo + logprobs; lm-eval's loglikelihood)
+    speculative: bool = True  # False: plain steps even alone (the server's per-request opt-out)
     cancelled: bool = False  # set by `Engine.cancel` from any thread; the row leaves at the next step
     submitted: float = 0.0  # time.perf_counter() when queued (time to first token)
 
@@ -85,6 +95,8 @@ class _Row:
     generator: torch.Generator | None
     last: int = 0  # the token to feed at the next decode step
     produced: list[int] = field(default_factory=list)
+    unfed: int = 1  # the last produced tokens the cache does not hold: 1 (`last`), more after a rejected check
+    speculator: Speculator | None = None  # made the first time the row speculates, kept while it lives
     emitted_at: float = 0.0  # time.perf_counter() of the last token (inter-token latency)
 
 
@@ -103,9 +115,15 @@ class _Prefill:
 
 class Engine:
     def __init__(self, model: Zamba2LM, max_batch: int = 16, max_queue: int = 256, metrics: Metrics | None = None,
-                 prefix_cache_bytes: int = 0, prefill_chunk: int = PREFILL_CHUNK):
+                 prefix_cache_bytes: int = 0, prefill_chunk: int = PREFILL_CHUNK, draft=None,
+                 num_speculative: int | None = None):
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise UserError("max_batch, max_queue and prefill_chunk must be >= 1")
+        if draft is not None:
+            Speculator(model, draft, num_speculative)  # the draft and k checked now, not at a request
+        elif num_speculative is not None:
+            raise UserError("num_speculative needs a draft (a model or 'prompt-lookup')")
+        self.draft, self.num_speculative = draft, num_speculative
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.prefill_chunk = prefill_chunk
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
@@ -315,11 +333,20 @@ class Engine:
         if self._cache is None:
             self._cache = p.cache
         else:
+            self._catch_up()
             self._cache.append(p.cache)
         self._rows.append(row)
 
+    def _speculates(self, row: _Row) -> bool:
+        req = row.req
+        return (self.draft is not None and req.speculative and req.logprobs is None
+                and (req.temperature == 0 or req.seed is None))
+
     def _step(self) -> None:
         n = len(self._rows)
+        if n == 1 and self._speculates(self._rows[0]):
+            self._speculate(self._rows[0])
+            return
         if self._decoder is None:  # the rows changed: claim a decoder for them (a CUDA graph on a GPU)
             needed = self._cache.length + max(r.req.max_tokens - len(r.produced) for r in self._rows)
             self._decoder = self._claim.enter_context(decoder(self.model, n, needed, bucket=True))
@@ -335,10 +362,49 @@ class Engine:
         self.peak_batch = max(self.peak_batch, len(self._rows))
         self._retire([not self._deliver(r, logits[i:i + 1]) for i, r in enumerate(self._rows)])
 
+    def _speculate(self, row: _Row) -> None:
+        """The step of a row alone: one forward checks its drafter's proposals, and the tokens it accepts, plus one
+        of its own, are delivered (speculative.Speculator.step)."""
+        req = row.req
+        self._release()  # the check runs on the cache itself (a CUDA graph decodes a copy)
+        if row.speculator is None:  # a draft model catches up on the row's text at its first proposal
+            row.speculator = Speculator(self.model, self.draft, self.num_speculative,
+                                        len(req.prompt) + req.max_tokens + 1, self.prefill_chunk)
+        text = req.prompt + row.produced
+        target = Cursor(self.model, self._cache, len(text) - row.unfed, self.prefill_chunk)
+        sampling = Sampling(req.temperature, req.top_k, req.top_p, row.generator)
+        new, proposed = row.speculator.step(target, text, req.max_tokens - len(row.produced) - 1, sampling)
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, 1)
+        self.metrics.speculative_steps.inc()
+        self.metrics.speculative_proposed.inc(proposed)
+        self.metrics.speculative_accepted.inc(len(new) - 1)
+        running = True
+        for token in new:
+            running = self._emit(row, token)
+            if not running:  # EOS or max_tokens inside the accepted proposals: the rest is not delivered
+                break
+        row.unfed = len(req.prompt) + len(row.produced) - target.seen  # < 1: the cache ran past the row's end
+        if not running:
+            self._retire([True])
+
+    def _catch_up(self) -> None:
+        """Before a row joins: a speculating row's cache runs the tokens it lags by (all but `last`), so that every
+        row feeds one token per batched step. Only a row alone speculates, so it is the only row."""
+        if len(self._rows) == 1 and (row := self._rows[0]).unfed > 1:
+            text = row.req.prompt + row.produced
+            Cursor(self.model, self._cache, len(text) - row.unfed, self.prefill_chunk).feed(text[-row.unfed:-1], 1)
+            row.unfed = 1
+
     def _deliver(self, row: _Row, logits: Tensor) -> bool:
         """Sample row's next token from logits [1, vocab] and emit it; False when the row is finished."""
         req = row.req
-        token = int(sample(logits, req.temperature, req.top_k, req.top_p, row.generator)[0])
+        return self._emit(row, int(sample(logits, req.temperature, req.top_k, req.top_p, row.generator)[0]), logits)
+
+    def _emit(self, row: _Row, token: int, logits: Tensor | None = None) -> bool:
+        """Hand row's next token to its request, with its logprobs (from logits [1, vocab]) if asked; False when
+        the row is finished."""
+        req = row.req
         now = time.perf_counter()
         (self.metrics.itl if row.produced else self.metrics.ttft).observe(now - (row.emitted_at or req.submitted))
         self.metrics.generated_tokens.inc()
@@ -357,14 +423,14 @@ class Engine:
         return event.finish is None
 
     def _retire(self, leave: list[bool]) -> None:
-        """Snapshot the rows that finished or were cancelled (their state covers every token but the last, never
-        fed), then drop them."""
+        """Snapshot the rows that finished or were cancelled (their state covers every token but the `unfed` last;
+        none when a check ran it past the row's end), then drop them."""
         if any(leave):
             self._release()
         for i, gone in enumerate(leave):
-            if gone:
-                row = self._rows[i]
-                self._keep(row.req.prompt + row.produced[:-1], self._cache.row_state(i))
+            row = self._rows[i]
+            if gone and row.unfed >= 1:
+                self._keep(row.req.prompt + row.produced[:len(row.produced) - row.unfed], self._cache.row_state(i))
         self._drop(leave)
 
     def _keep(self, tokens: list[int], state, scores: Scores | None = None, next_logprobs: Tensor | None = None):

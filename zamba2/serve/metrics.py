@@ -26,6 +26,12 @@ class Metrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("zamba2_inter_token_latency_seconds", "between a row's consecutive tokens",
                              buckets=ITL_BUCKETS, registry=r)
+        self.speculative_steps = Counter("zamba2_speculative_steps", "forwards of a row alone that checked a "
+                                         "drafter's proposals (--draft, --prompt-lookup)", registry=r)
+        self.speculative_proposed = Counter("zamba2_speculative_proposed_tokens", "tokens the drafter proposed",
+                                            registry=r)
+        self.speculative_accepted = Counter("zamba2_speculative_accepted_tokens", "proposed tokens the model kept: "
+                                            "1 + accepted / steps tokens per forward", registry=r)
         self.queue_depth = Gauge("zamba2_queue_depth", "requests waiting for a row", registry=r)
         self.running = Gauge("zamba2_running_rows", "rows decoding or prefilling", registry=r)
         self.cache_lookups = Counter("zamba2_prefix_cache_lookups", "prompts looked up in the prefix cache",

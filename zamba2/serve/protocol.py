@@ -48,6 +48,7 @@ class Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM extra: keep generating past EOS
+    speculative: bool = True  # our extra (openai client: extra_body): False opts out of a --draft server's proposals
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

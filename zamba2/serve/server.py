@@ -37,7 +37,8 @@ class Limits:
 
 class Server:
     def __init__(self, model: Zamba2LM, tokenizer: Tokenizer, folder: str | Path | None, name: str,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, draft=None, num_speculative: int | None = None):
+        """`draft`, `num_speculative`: speculative decoding for a request alone in the batch (engine.py)."""
         self.model, self.name, self.limits = model, name, limits or Limits()
         self.context = model.config.max_position_embeddings
         config = read_tokenizer_config(folder)
@@ -47,7 +48,7 @@ class Server:
         self.defaults = _generation_defaults(folder)
         self.metrics = Metrics()
         self.engine = Engine(model, self.limits.max_batch, self.limits.max_queue, self.metrics,
-                             self.limits.prefix_cache_mb * 2**20, self.limits.prefill_chunk)
+                             self.limits.prefix_cache_mb * 2**20, self.limits.prefill_chunk, draft, num_speculative)
         self.created = int(time.time())
         self.draining = False  # set on SIGTERM (app.serve): new requests get 503
         self.in_flight = 0  # HTTP requests inside a route (middleware.Gate counts them)
@@ -97,7 +98,8 @@ class Server:
             seed = None if body.seed is None else body.seed + c.index  # n seeded choices must differ
             c.request = EngineRequest(c.prompt, m, emit, temperature=temperature, top_k=top_k if top_k > 0 else None,
                                       top_p=top_p, seed=seed, eos=[] if body.ignore_eos else self.eos,
-                                      logprobs=logprobs, echo_logprobs=echo and logprobs is not None)
+                                      logprobs=logprobs, echo_logprobs=echo and logprobs is not None,
+                                      speculative=body.speculative)
             requests.append(c.request)
         if len(requests) > self.engine.max_queue:  # 503 would tell the client to retry, which can never succeed
             raise APIError(f"this request needs {len(requests)} sequences (prompts x n) but the server queues at most "
