@@ -53,7 +53,7 @@ HYBRID_TYPES = {"hybrid", "g"}
 
 
 class SharedBlockSizes:
-    """What both architectures' configs (this Config and zamba1_config.Zamba1Config) derive alike."""
+    """What both architectures' configs (this Config and zamba1_config.Zamba1Config) derive and check alike."""
 
     @property
     def attention_hidden_size(self) -> int:  # the shared block reads concat(hidden, embeddings)
@@ -67,6 +67,16 @@ class SharedBlockSizes:
     def eos_token_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+    @staticmethod
+    def check_derived(given: dict, expect: dict) -> None:
+        """config.json's derived keys (`given`) must equal what the other fields imply (`expect`)."""
+        for k, v in given.items():
+            if k in expect and v is not None and v != expect[k]:
+                raise UserError(f"config: {k}={v} contradicts the other fields (they imply {expect[k]})")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 @dataclass
@@ -204,9 +214,7 @@ class Config(SharedBlockSizes):
             "attention_hidden_size": cfg.attention_hidden_size, "attention_head_dim": cfg.attention_head_dim,
             "head_dim": cfg.attention_head_dim, "kv_channels": cfg.hidden_size // cfg.num_attention_heads,
         }
-        for k, v in derived.items():
-            if k in expect and v is not None and v != expect[k]:
-                raise UserError(f"config: {k}={v} contradicts the other fields (they imply {expect[k]})")
+        cls.check_derived(derived, expect)
         return cfg
 
     @classmethod
@@ -224,9 +232,6 @@ class Config(SharedBlockSizes):
         d = asdict(self)
         d.update(model_type="zamba2", architectures=["Zamba2ForCausalLM"])
         return d
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def num_parameters(self) -> int:
         """Stored parameter count implied by the config (shared blocks counted once)."""

@@ -10,7 +10,6 @@ attributes below answer them for Zamba1: one shared block, no per-visit adapters
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -124,9 +123,7 @@ class Zamba1Config(SharedBlockSizes):
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         expect = {"attention_hidden_size": cfg.attention_hidden_size, "attention_head_dim": cfg.attention_head_dim,
                   "head_dim": cfg.attention_head_dim}
-        for k, v in d.items():
-            if k in expect and v is not None and v != expect[k]:
-                raise UserError(f"config: {k}={v} contradicts the other fields (they imply {expect[k]})")
+        cls.check_derived(d, expect)
         return cfg
 
     @classmethod
@@ -143,9 +140,6 @@ class Zamba1Config(SharedBlockSizes):
         del d["chunk_size"]  # ours, not transformers'
         d.update(model_type="zamba", architectures=["ZambaForCausalLM"])
         return d
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def hybrid_pattern(n_layers: int, period: int, offset: int) -> list[str]:
